@@ -1,0 +1,124 @@
+"""The ``bimdist`` command: train, export, eval, recon, data prepare, trace merge.
+
+Exit codes: 0 success, 1 unexpected error, 2 bad input or config, 3 a peer stage died or went silent,
+4 no usable data, 5 a checkpoint could not be written, 75 preempted (checkpointed; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bimdist.config import ConfigError, load_config, preset_names
+from bimdist.train.signals import EXIT_CONFIG, EXIT_DATA, EXIT_ERROR
+
+log = logging.getLogger("bimdist")
+
+TRAIN_HELP = """\
+Overrides take the form --section.key=value (values are YAML: --model.layers_per_block=[1,2,1]).
+Sections: method, model, masking, data, optim, pipeline, metrics, checkpoint, run, eval.
+Presets: {presets}."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bimdist", description="Block-wise masked image modeling, distributed.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    t = sub.add_parser("train", help="train (spawns local stages when pipeline.stages x replicas > 1)",
+                       epilog=TRAIN_HELP.format(presets=", ".join(preset_names())),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", nargs="?", help="YAML file or preset name")
+    t.add_argument("--fresh", action="store_true", help="ignore checkpoints in run.dir (they are moved aside)")
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    e = sub.add_parser("export", help="write the first K blocks as a timm ViT (safetensors + kwargs JSON)")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--depth", type=int, required=True, help="number of blocks K to keep")
+    e.add_argument("--out", type=Path, required=True, help="PATH.safetensors (kwargs go to PATH.json)")
+    v = sub.add_parser("eval", help="linear probe and kNN at every depth, with a raw-pixel baseline")
+    v.add_argument("run_dir", type=Path)
+    v.add_argument("--train-samples", type=int, default=None)
+    v.add_argument("--test-samples", type=int, default=None)
+    r = sub.add_parser("recon", help="write the reconstruction PNG of a run's newest checkpoint")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--out", type=Path, default=None)
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_verb", required=True)
+    pf = dsub.add_parser("prepare", help="convert a dataset to webdataset shards")
+    psub = pf.add_subparsers(dest="dataset", required=True)
+    fm = psub.add_parser("fashion-mnist", help="Fashion-MNIST IDX files -> shards")
+    fm.add_argument("--out", type=Path, required=True)
+    fm.add_argument("--src", type=Path, default=None, help="folder with the *-ubyte.gz files")
+    fm.add_argument("--limit", type=int, default=None, help="keep only the first N images per split")
+    fm.add_argument("--shard-size", type=int, default=5000)
+    fo = psub.add_parser("folder", help="class-folder tree (SRC/train/<class>/...) -> shards")
+    fo.add_argument("src", type=Path)
+    fo.add_argument("--out", type=Path, required=True)
+    fo.add_argument("--shard-size", type=int, default=1000)
+    tr = sub.add_parser("trace", help="pipeline timeline tools")
+    tsub = tr.add_subparsers(dest="trace_verb", required=True)
+    tm = tsub.add_parser("merge", help="merge per-rank spans into one Chrome/Perfetto trace JSON")
+    tm.add_argument("run_dir", type=Path)
+    tm.add_argument("--out", type=Path, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = _parser().parse_known_args(argv)
+    from bimdist.telemetry.progress import setup_logging
+
+    if args.verb != "train":
+        setup_logging()
+        if rest:
+            print(f"bimdist {args.verb}: unexpected arguments {rest}", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        if args.verb == "train":
+            cfg = load_config(args.config, rest)
+            from bimdist.train.run import train
+
+            return train(cfg, argv, fresh=args.fresh, local_rank_arg=args.local_rank)
+        if args.verb == "export":
+            from bimdist.export import export
+
+            export(args.run_dir, args.depth, args.out)
+        elif args.verb == "eval":
+            from bimdist.evaluate import evaluate_run
+
+            evaluate_run(args.run_dir, train_samples=args.train_samples, test_samples=args.test_samples)
+        elif args.verb == "recon":
+            from bimdist.runs import load_units, run_config
+            from bimdist.visualize import write_recon_png
+
+            cfg = run_config(args.run_dir)
+            units, _ = load_units(cfg, args.run_dir)
+            write_recon_png(cfg, units, args.out or args.run_dir / "recon.png")
+        elif args.verb == "data":
+            from bimdist.data import prepare
+
+            if args.dataset == "fashion-mnist":
+                prepare.prepare_fashion_mnist(args.out, src=args.src, limit=args.limit, shard_size=args.shard_size)
+            else:
+                prepare.prepare_folder(args.src, args.out, shard_size=args.shard_size)
+        elif args.verb == "trace":
+            from bimdist.telemetry.trace import merge_traces
+
+            merge_traces(args.run_dir, args.out)
+        return 0
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as e:  # noqa: BLE001 - classify, then one clear line
+        from bimdist.data.prepare import PrepareError
+        from bimdist.data.stream import DataError
+        from bimdist.train.checkpoint import CheckpointError
+
+        if isinstance(e, (PrepareError, CheckpointError, ValueError, FileNotFoundError)):
+            print(f"bimdist {args.verb}: {e}", file=sys.stderr)
+            return EXIT_CONFIG
+        if isinstance(e, DataError):
+            print(f"bimdist {args.verb}: data error: {e}", file=sys.stderr)
+            return EXIT_DATA
+        log.exception("unexpected error")
+        return EXIT_ERROR

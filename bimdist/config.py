@@ -1,0 +1,328 @@
+"""Run configuration: pydantic models, bundled presets, YAML files and dotted command-line overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key instead of a silent default.
+Cross-field rules (layer split, incremental masking, batch split) live in validators here, so a bad
+config fails before any process, file or socket is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased for the user (one line per problem)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    img_size: int = Field(28, gt=0)
+    patch_size: int = Field(4, gt=0)
+    in_chans: int = Field(1, gt=0)
+    embed_dim: int = Field(192, gt=0)
+    depth: int = Field(12, gt=0)
+    num_heads: int = Field(3, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    blocks: int = Field(4, gt=0, description="S, the number of encoder blocks with a local decoder each")
+    layers_per_block: list[int] | None = Field(None, description="explicit split, e.g. [1, 2, 1]; sums to depth")
+    decoder_embed_dim: int = Field(128, gt=0)
+    decoder_depth: int = Field(1, ge=0)
+    decoder_num_heads: int = Field(4, gt=0)
+    norm_pix_loss: bool = True
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ValueError(
+                f"decoder_embed_dim {self.decoder_embed_dim} is not divisible by "
+                f"decoder_num_heads {self.decoder_num_heads}"
+            )
+        if self.layers_per_block is None:
+            if self.depth % self.blocks:
+                raise ValueError(
+                    f"depth {self.depth} does not split evenly into blocks={self.blocks}; "
+                    "choose a divisor or give layers_per_block explicitly"
+                )
+        else:
+            if len(self.layers_per_block) != self.blocks or any(n < 1 for n in self.layers_per_block):
+                raise ValueError(
+                    f"layers_per_block {self.layers_per_block} must list {self.blocks} positive counts (one per block)"
+                )
+            if sum(self.layers_per_block) != self.depth:
+                raise ValueError(f"layers_per_block {self.layers_per_block} sums to "
+                                 f"{sum(self.layers_per_block)}, not depth {self.depth}")
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def split(self) -> list[int]:
+        """Encoder layers owned by each block."""
+        return list(self.layers_per_block or [self.depth // self.blocks] * self.blocks)
+
+
+class MaskingConfig(Section):
+    mask_ratio: float = Field(0.75, ge=0.0, lt=1.0)
+    extra_drop: list[float] | None = Field(
+        None, description="per-block fraction of the input-visible tokens dropped before that block"
+    )
+
+    @field_validator("extra_drop")
+    @classmethod
+    def _extra_drop(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        for i, f in enumerate(v):
+            if not 0.0 <= f < 1.0:
+                raise ValueError(f"extra_drop[{i}]={f} must be in [0, 1)")
+        if any(b < a for a, b in zip(v, v[1:])):
+            raise ValueError(f"extra_drop {v} must be non-decreasing (deeper blocks drop at least as much)")
+        return v
+
+
+class DataConfig(Section):
+    source: Literal["shards", "synthetic"] = "shards"
+    train_shards: str | None = Field(None, description="brace pattern of training tar shards")
+    test_shards: str | None = Field(None, description="brace pattern of test tar shards (eval)")
+    batch_size: int = Field(256, gt=0, description="global batch per step, split across replicas")
+    shuffle_buffer: int = Field(2000, ge=1)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    mean: list[float] = [0.2860]
+    std: list[float] = [0.3530]
+    epochs: int | None = Field(None, gt=0, description="stop when the data has been seen this often")
+    synthetic_size: int = Field(4096, gt=0, description="samples per epoch of the synthetic source")
+    log_corrupt_every: int = Field(100, gt=0, description="log every Nth skipped sample after the first")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale {self.crop_scale} must satisfy 0 < low <= high <= 1")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError("mean and std need one entry per channel and std must be positive")
+        return self
+
+
+class OptimConfig(Section):
+    blr: float = Field(1.5e-4, gt=0, description="base lr; lr = blr * batch_size / 256")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    clip_grad: float | None = Field(None, gt=0)
+
+
+class PipelineConfig(Section):
+    stages: int = Field(1, gt=0, description="stage processes per replica; each owns blocks/stages blocks")
+    replicas: int = Field(1, gt=0, description="data-parallel copies of every stage")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    wire_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_in_flight: int = Field(2, ge=1, description="sends queued or in progress before a stage blocks")
+    prefetch: int = Field(2, ge=1, description="received messages buffered ahead of compute")
+    peer_timeout_s: float = Field(120.0, gt=0, le=3600, description="silence after which a peer is dead")
+    startup_timeout_s: float = Field(600.0, gt=0, description="wait for the first message / rendezvous")
+    threads: int | None = Field(None, gt=0, description="torch threads per process (default: cores / procs)")
+    engine: Literal["torch", "deepspeed"] = "torch"
+    deepspeed_config: str | dict[str, Any] | None = None
+
+
+class MetricsConfig(Section):
+    port: int = Field(0, ge=0, le=65535, description="base port; rank serves port + LOCAL_RANK; 0 disables")
+    bind: str = "127.0.0.1"
+    job: str = "bimdist"
+    pushgateway: str | None = Field(None, description="host:port of a Prometheus Pushgateway")
+    file_sd_dir: str | None = Field(None, description="folder Prometheus watches for file_sd targets")
+    trace: bool = Field(False, description="record compute / wait spans for `bimdist trace merge`")
+
+
+class CheckpointConfig(Section):
+    every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep: int = Field(2, ge=1, description="complete checkpoints kept")
+    resume: Literal["auto", "never"] = "auto"
+
+
+class RunConfig(Section):
+    steps: int = Field(1000, gt=0)
+    seed: int = 0
+    dir: str = "runs/default"
+    log_every: int = Field(20, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    stop_at: int | None = Field(None, gt=0, description="checkpoint and exit 0 after this step")
+    preempt_signals: list[Literal["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"]] = ["SIGTERM", "SIGUSR1"]
+    recon_png: bool = True
+    eval_at_end: bool = False
+
+
+class EvalConfig(Section):
+    train_samples: int = Field(10000, gt=0)
+    test_samples: int = Field(10000, gt=0)
+    knn_k: int = Field(20, gt=0)
+    pool: Literal["avg", "cls"] = "avg"
+    batch_size: int = Field(500, gt=0)
+    probe_epochs: int = Field(30, gt=0)
+
+
+class Config(Section):
+    method: Literal["bim", "mae"] = "bim"
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Config:
+        m, k, d, p = self.model, self.masking, self.data, self.pipeline
+        if k.extra_drop is not None and len(k.extra_drop) != m.blocks:
+            raise ValueError(f"masking.extra_drop has {len(k.extra_drop)} entries; model.blocks is {m.blocks}")
+        counts = visible_counts(m.num_patches, k.mask_ratio, k.extra_drop or [0.0] * m.blocks)
+        if counts[-1] < 1:
+            raise ValueError(f"masking leaves no visible patch at the last block (visible per block: {counts})")
+        if len(d.mean) != m.in_chans:
+            raise ValueError(f"data.mean/std have {len(d.mean)} entries; model.in_chans is {m.in_chans}")
+        if self.method == "mae" and any(k.extra_drop or []):
+            raise ValueError("incremental masking (masking.extra_drop) is a BIM feature; set it to null for method mae")
+        if self.method == "mae" and p.stages != 1:
+            raise ValueError("method 'mae' trains end to end in one stage; set pipeline.stages=1")
+        if m.blocks % p.stages:
+            raise ValueError(f"model.blocks={m.blocks} does not split over pipeline.stages={p.stages}; "
+                             "use a divisor of the block count")
+        if d.batch_size % p.replicas:
+            raise ValueError(f"data.batch_size={d.batch_size} is not divisible by pipeline.replicas={p.replicas}")
+        if d.source == "shards" and not d.train_shards:
+            raise ValueError("data.source is 'shards' but data.train_shards is empty; "
+                             "run `bimdist data prepare` and set data.train_shards, or use data.source=synthetic")
+        if self.run.stop_at is not None and self.run.stop_at > self.run.steps:
+            raise ValueError(f"run.stop_at={self.run.stop_at} is beyond run.steps={self.run.steps}")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.pipeline.stages * self.pipeline.replicas
+
+    @property
+    def lr(self) -> float:
+        return self.optim.blr * self.data.batch_size / 256
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the weights; checkpoints from another fingerprint are refused."""
+        keep = self.model_dump(include={"method", "model", "masking"})
+        keep["optim_betas"] = list(self.optim.betas)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def visible_counts(num_patches: int, mask_ratio: float, extra_drop: list[float]) -> list[int]:
+    """Tokens visible at each block: the input keep count, then minus each block's extra drop."""
+    keep = int(num_patches * (1 - mask_ratio))
+    return [int(keep * (1 - f)) for f in extra_drop]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("bimdist.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_source(source: str | None) -> dict[str, Any]:
+    if source is None:
+        return {}
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {source} not found; give a YAML path or one of the presets "
+                              f"{', '.join(preset_names())}")
+        text = path.read_text()
+    elif source in preset_names():
+        text = resources.files("bimdist.presets").joinpath(f"{source}.yaml").read_text()
+    else:
+        raise ConfigError(f"unknown config {source!r}: not a file and not a preset "
+                          f"(presets: {', '.join(preset_names())})")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {source} is not valid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ['--model.blocks=4', '--data.batch_size', '64'] into a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value; write --{key}=VALUE")
+            raw = args[i + 1]
+            i += 1
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override --{key} conflicts with another override of {part}")
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `bimdist train --help` for the sections)"
+        got = e.get("input")
+        shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"config error: {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(source: str | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Preset or YAML file, then overrides; raises ConfigError with one line per problem."""
+    data = _read_source(source)
+    over = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    try:
+        return Config.model_validate(_merge(data, over))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

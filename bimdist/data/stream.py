@@ -1,0 +1,177 @@
+"""Raw sample streams with resumable positions: webdataset shards, or the synthetic source.
+
+A position is (epoch, samples taken in that epoch). Streams are deterministic given the seed, so resuming
+means regenerating the epoch's order and skipping ``offset`` samples *before* decoding them.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from bimdist.data.synthetic import synthetic_image
+from bimdist.model.masking import seed_for
+
+log = logging.getLogger("bimdist.data")
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+class DataError(RuntimeError):
+    """The data cannot be used at all (no shards, too few shards); corrupt single samples are not errors."""
+
+
+class CorruptSample(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Position:
+    epoch: int = 0
+    offset: int = 0
+
+
+@dataclass
+class DataStats:
+    """Counters the trainer exports: skipped corrupt samples and shard read errors."""
+
+    corrupt: int = 0
+    shard_errors: int = 0
+    log_every: int = 100
+    opened: list[str] = field(default_factory=list)
+
+    def skip(self, what: str, reason: str) -> None:
+        self.corrupt += 1
+        if self.corrupt == 1 or self.corrupt % self.log_every == 0:
+            log.warning("skipped corrupt sample %s: %s (%d skipped so far)", what, reason, self.corrupt)
+
+
+@dataclass
+class RawSample:
+    uid: tuple[int, ...]  # identifies the sample's place in the stream; seeds its augmentation
+    payload: dict
+
+
+def expand_shards(pattern: str) -> list[str]:
+    urls = [u for part in pattern.split("::") for u in braceexpand.braceexpand(part)]
+    if not urls:
+        raise DataError(f"shard pattern {pattern!r} expands to nothing")
+    return urls
+
+
+class ShardStream:
+    """This replica's share of the shards, shuffled per epoch (shard order, then a sample buffer)."""
+
+    global_order = False  # each replica reads its own shards; a batch is replica-local
+
+    def __init__(self, pattern: str, *, seed: int, replica: int, replicas: int, shuffle_buffer: int,
+                 stats: DataStats, epochs: int | None = None, shuffle_shards: bool = True):
+        self.urls = expand_shards(pattern)
+        missing = [u for u in self.urls if "://" not in u and not _exists(u)]
+        if missing:
+            raise DataError(f"{len(missing)} of {len(self.urls)} shards are missing, e.g. {missing[0]}; "
+                            "run `bimdist data prepare` or fix data.train_shards")
+        if len(self.urls) < replicas:
+            raise DataError(f"{len(self.urls)} shards cannot be split over {replicas} stage-0 replicas; "
+                            "write more, smaller shards")
+        self.seed, self.replica, self.replicas = seed, replica, replicas
+        self.buffer, self.stats, self.epochs = shuffle_buffer, stats, epochs
+        self.shuffle_shards = shuffle_shards
+
+    def shards_for_epoch(self, epoch: int) -> list[str]:
+        order = list(self.urls)
+        if self.shuffle_shards:
+            random.Random(seed_for(self.seed, 3, epoch)).shuffle(order)
+        return order[self.replica :: self.replicas]
+
+    def _tar_error(self, exn: Exception) -> bool:
+        self.stats.shard_errors += 1
+        self.stats.skip("in a shard", f"{type(exn).__name__}: {exn}")
+        return True  # keep going with the next sample or shard
+
+    def _open_logged(self, urls: list[str]) -> Iterator[dict]:
+        for url in urls:
+            self.stats.opened.append(url)
+            log.debug("replica %d opens shard %s", self.replica, url)
+            yield {"url": url}
+
+    def iterate(self, start: Position) -> Iterator[tuple[Position, RawSample]]:
+        epoch = start.epoch
+        while self.epochs is None or epoch < self.epochs:
+            samples = wds.tarfile_to_samples(handler=self._tar_error)(self._open_logged(self.shards_for_epoch(epoch)))
+            samples = wds.shuffle(self.buffer, initial=self.buffer, seed=seed_for(self.seed, 4, epoch, self.replica))(
+                samples
+            )
+            skip = start.offset if epoch == start.epoch else 0
+            count = 0
+            for j, sample in enumerate(samples):
+                count += 1
+                if j < skip:
+                    continue
+                yield Position(epoch, j + 1), RawSample((epoch, j, self.replica), sample)
+            if count == 0:
+                raise DataError(f"replica {self.replica} read no samples from {self.shards_for_epoch(epoch)}")
+            epoch += 1
+
+
+class SyntheticStream:
+    """The synthetic source in one global order; replicas take their rows of each global batch."""
+
+    global_order = True
+
+    def __init__(self, *, size: int, seed: int, epochs: int | None = None):
+        self.size, self.seed, self.epochs = size, seed, epochs
+
+    def iterate(self, start: Position) -> Iterator[tuple[Position, RawSample]]:
+        epoch = start.epoch
+        while self.epochs is None or epoch < self.epochs:
+            g = torch.Generator().manual_seed(seed_for(self.seed, 3, epoch))
+            order = torch.randperm(self.size, generator=g).tolist()
+            skip = start.offset if epoch == start.epoch else 0
+            for j in range(skip, self.size):
+                yield Position(epoch, j + 1), RawSample((epoch, j, 0), {"synthetic": order[j]})
+            epoch += 1
+
+
+def _exists(path: str) -> bool:
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
+
+
+def decode(payload: dict, *, chans: int, size: int, seed: int) -> tuple[torch.Tensor, int]:
+    """A raw sample -> (uint8 [C, H, W], label). Raises CorruptSample for anything undecodable."""
+    if "synthetic" in payload:
+        return synthetic_image(payload["synthetic"], size=size, chans=chans, seed=seed)
+    data = next((payload[k] for k in IMAGE_KEYS if k in payload), None)
+    if data is None:
+        raise CorruptSample(f"no image field (has {sorted(k for k in payload if not k.startswith('__'))})")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            arr = np.asarray(im.convert("L" if chans == 1 else "RGB"))
+    except Exception as e:  # PIL raises many types for broken files
+        raise CorruptSample(f"undecodable image: {type(e).__name__}: {e}") from None
+    img = torch.from_numpy(arr.copy())
+    img = img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)  # [C, H, W]
+    try:
+        label = int(payload["cls"]) if "cls" in payload else -1
+    except ValueError:
+        raise CorruptSample(f"label {payload['cls'][:20]!r} is not an integer") from None
+    return img.contiguous(), label
+
+
+def sample_name(raw: RawSample) -> str:
+    p = raw.payload
+    return f"{p.get('__key__', raw.uid)} in {p.get('__url__', 'synthetic')}"

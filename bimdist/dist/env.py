@@ -1,0 +1,123 @@
+"""Who am I? Rank information from torchrun, the deepspeed launcher, srun, or bimdist's own spawner.
+
+torchrun, the deepspeed launcher and bimdist's spawner all export RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT. Under ``srun`` (one task per GPU) the same facts come from SLURM_* variables.
+With none of these, the process is standalone and ``bimdist train`` spawns its own stage processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun | deepspeed | slurm | bimdist | env
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except (KeyError, ValueError):
+        raise LaunchError(f"environment variable {key}={env.get(key)!r} is missing or not an integer") from None
+
+
+def _first_int(text: str) -> int:
+    m = re.match(r"\d+", text or "")
+    return int(m.group()) if m else 1
+
+
+def slurm_master(env: Mapping[str, str]) -> str:
+    """First host of the step's node list, expanded by ``scontrol show hostnames``."""
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+    if not nodelist:
+        raise LaunchError("SLURM_JOB_NODELIST is empty; export MASTER_ADDR before srun")
+    if "[" not in nodelist and "," not in nodelist:
+        return nodelist
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise LaunchError(f"cannot expand SLURM node list {nodelist!r} ({e}); export MASTER_ADDR before srun") from None
+    return out.split()[0]
+
+
+def detect(env: Mapping[str, str] | None = None, *, local_rank_arg: int | None = None) -> RankEnv | None:
+    """Rank info of this process, or None when no launcher started it (standalone)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        if "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        elif env.get("BIMDIST_SPAWNED") == "1":
+            launcher = "bimdist"
+        elif local_rank_arg is not None or "CROSS_RANK" in env:
+            launcher = "deepspeed"
+        else:
+            launcher = "env"
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else (local_rank_arg or 0)
+        world = _int(env, "WORLD_SIZE")
+        return RankEnv(
+            rank=_int(env, "RANK"), world_size=world, local_rank=local,
+            local_world_size=_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher=launcher,
+        )
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    if in_step and "SLURM_PROCID" in env and _first_int(env.get("SLURM_NTASKS", "1")) > 1:
+        job = _int(env, "SLURM_JOB_ID") if "SLURM_JOB_ID" in env else 0
+        return RankEnv(
+            rank=_int(env, "SLURM_PROCID"), world_size=_first_int(env["SLURM_NTASKS"]),
+            local_rank=_int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            local_world_size=_first_int(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE", "1")),
+            master_addr=env.get("MASTER_ADDR") or slurm_master(env),
+            master_port=int(env.get("MASTER_PORT", str(20000 + job % 20000))),
+            launcher="slurm",
+        )
+    return None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise LaunchError("pipeline.device is 'cuda' but no CUDA device is visible; use pipeline.device=cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def pick_backend(choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if choice == "nccl" and device.type != "cuda":
+        raise LaunchError("pipeline.backend 'nccl' needs CUDA devices; use gloo on CPU")
+    return choice
+
+
+def set_cpu_threads(local_processes: int, requested: int | None) -> int:
+    """Keep local processes x torch threads within the cores, or a CPU pipeline thrashes."""
+    threads = requested or max(1, usable_cores() // max(1, local_processes))
+    torch.set_num_threads(threads)
+    return threads

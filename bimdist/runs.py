@@ -1,0 +1,49 @@
+"""Reading a run folder back: its saved config and the units of its newest complete checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bimdist.config import Config, ConfigError, load_config
+from bimdist.model.unit import BlockUnit, build_unit, unit_indices
+from bimdist.train.checkpoint import CheckpointError, CheckpointStore
+
+
+def run_config(run_dir: Path) -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: {run_dir} is not a bimdist run folder (train writes config.yaml there)")
+    return load_config(str(path))
+
+
+def store_for(cfg: Config, run_dir: Path) -> CheckpointStore:
+    return CheckpointStore(Path(run_dir) / "checkpoints", fingerprint=cfg.fingerprint(), blocks=unit_indices(cfg),
+                           replicas=cfg.pipeline.replicas, keep=cfg.checkpoint.keep)
+
+
+def load_units(cfg: Config, run_dir: Path, *, step: int | None = None) -> tuple[list[BlockUnit], int]:
+    """Every unit of the run with the weights of ``step`` (default: the newest complete checkpoint)."""
+    store = store_for(cfg, run_dir)
+    if step is None:
+        step = store.latest()
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint under {store.root}; train first (or wait for it to finish)")
+    units = []
+    for i in unit_indices(cfg):
+        unit = build_unit(cfg, i)
+        unit.load_state_dict(store.load_block(step, i)["model"])
+        units.append(unit.eval())
+    return units, step
+
+
+@torch.no_grad()
+def reconstruct(units: list[BlockUnit], images: torch.Tensor, ids_shuffle: torch.Tensor) -> list[torch.Tensor]:
+    """Every unit's prediction [N, L, p*p*C] for one batch, running the blocks in order."""
+    preds, tokens = [], None
+    for unit in units:
+        out = unit(images, ids_shuffle, tokens)
+        preds.append(out.pred)
+        tokens = out.tokens
+    return preds

@@ -1,0 +1,76 @@
+"""Log setup and the per-stage progress line (plus a tqdm bar when stdout is a terminal)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+log = logging.getLogger("bimdist")
+
+
+def setup_logging(tag: str = "") -> None:
+    """One line per record, ``key=value`` fields, a rank tag so interleaved stage logs stay greppable."""
+    level = os.environ.get("BIMDIST_LOG_LEVEL", "INFO").upper()
+    fmt = "%(asctime)s %(levelname)s " + (f"[{tag}] " if tag else "") + "%(name)s: %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%Y-%m-%dT%H:%M:%S"))
+    root = logging.getLogger("bimdist")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@dataclass
+class StepRecord:
+    """What one stage did in one step; the progress line, metrics and traces all read this."""
+
+    stage: int
+    replica: int
+    step: int  # 0-based index of the step just finished
+    blocks: list[int]
+    losses: list[float]
+    samples: int  # samples this replica processed in the step
+    step_s: float  # wall time since the previous step ended
+    compute_s: float  # forward + backward + optimizer
+    recv_wait_s: float  # blocked waiting for the previous stage (or the data)
+    send_wait_s: float  # blocked on backpressure from the next stage
+    lr: float
+    skipped: int  # units whose update was dropped for non-finite gradients
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Progress:
+    """Every ``every`` steps, one log line averaged over the window since the last one."""
+
+    def __init__(self, *, steps: int, every: int, stage: int, replica: int, enabled: bool, start: int = 0):
+        self.steps, self.every, self.enabled = steps, every, enabled
+        self.stage, self.replica = stage, replica
+        self._window: list[StepRecord] = []
+        self._bar = tqdm(total=steps, initial=start, desc=f"stage {stage}", unit="step", dynamic_ncols=True,
+                         position=stage) if enabled and sys.stdout.isatty() else None
+
+    def update(self, rec: StepRecord) -> None:
+        self._window.append(rec)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{rec.losses[-1]:.4f}")
+        if not self.enabled or ((rec.step + 1) % self.every and rec.step + 1 != self.steps):
+            return
+        w, self._window = self._window, []
+        elapsed = sum(r.step_s for r in w) or 1e-9
+        losses = " ".join(f"loss_b{b}={sum(r.losses[i] for r in w) / len(w):.4f}" for i, b in enumerate(rec.blocks))
+        log.info(
+            "progress stage=%d replica=%d step=%d/%d %s samples_per_s=%.1f recv_wait_s=%.3f send_wait_s=%.3f "
+            "compute_s=%.3f lr=%.3e skipped=%d",
+            self.stage, self.replica, rec.step + 1, self.steps, losses, sum(r.samples for r in w) / elapsed,
+            sum(r.recv_wait_s for r in w) / len(w), sum(r.send_wait_s for r in w) / len(w),
+            sum(r.compute_s for r in w) / len(w), rec.lr, sum(r.skipped for r in w),
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,200 @@
+"""Checkpoints: one file per block per step, written atomically, verified by hash, loaded weights-only.
+
+Layout under ``RUN_DIR/checkpoints/step_00000100/``::
+
+    block_00.pt  block_00.json   # state of block 0 and its sidecar (sha256, size, config fingerprint)
+    ...
+    data_r00.json                 # stage-0 replica 0's data stream position
+    manifest.json                 # written once every expected file is present
+
+Stages write their own blocks independently; a step is *complete* when every block and data file and its
+sidecar exist. Resume picks the newest complete step whose hashes verify and warns about any it skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bimdist.data.stream import Position
+
+log = logging.getLogger("bimdist.checkpoint")
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or used; the message says which file and what to do."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> int:
+    """Write via ``path.tmp-PID`` + fsync + rename: a crash or full disk never leaves a half-written ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write {path}: {e.strerror or e}; earlier checkpoints are untouched. "
+            "Free disk space or point run.dir at a writable folder, then run the same command to resume"
+        ) from None
+    return path.stat().st_size
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CheckpointStore:
+    def __init__(self, root: Path, *, fingerprint: str, blocks: list[int], replicas: int, keep: int):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.blocks = blocks  # every unit index of the whole model
+        self.replicas = replicas
+        self.keep = keep
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def expected(self, step: int) -> list[Path]:
+        d = self.step_dir(step)
+        blocks = [d / f"block_{b:02d}.pt" for b in self.blocks]
+        return blocks + [d / f"data_r{r:02d}.json" for r in range(self.replicas)]
+
+    @staticmethod
+    def sidecar(path: Path) -> Path:
+        return path.with_suffix(".json") if path.suffix == ".pt" else path.with_name(path.stem + ".meta")
+
+    def steps_on_disk(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        steps = []
+        for d in self.root.iterdir():
+            if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit():
+                steps.append(int(d.name[5:]))
+        return sorted(steps, reverse=True)
+
+    def is_complete(self, step: int) -> bool:
+        return all(p.exists() and self.sidecar(p).exists() for p in self.expected(step))
+
+    # ---- writing ------------------------------------------------------------------------------------------
+    def _write_with_sidecar(self, path: Path, data: bytes, meta: dict) -> None:
+        size = atomic_write(path, data)
+        side = dict(meta, file=path.name, bytes=size, sha256=hashlib.sha256(data).hexdigest(),
+                    fingerprint=self.fingerprint, format=FORMAT, time=time.time())
+        atomic_write(self.sidecar(path), json.dumps(side, indent=1).encode())
+
+    def save_block(self, step: int, block: int, state: dict[str, Any]) -> None:
+        path = self.step_dir(step) / f"block_{block:02d}.pt"
+        payload = dict(state, step=step, block=block, fingerprint=self.fingerprint, format=FORMAT)
+        buf = io.BytesIO()  # serialise first, so a full disk surfaces as one OSError from the write below
+        torch.save(payload, buf)
+        self._write_with_sidecar(path, buf.getvalue(), {"step": step, "block": block})
+
+    def save_position(self, step: int, replica: int, position: Position) -> None:
+        path = self.step_dir(step) / f"data_r{replica:02d}.json"
+        body = json.dumps({"step": step, "replica": replica, "epoch": position.epoch, "offset": position.offset})
+        self._write_with_sidecar(path, body.encode(), {"step": step, "replica": replica})
+
+    def finish(self, step: int) -> None:
+        """Write the manifest once the step is complete, then drop old complete steps beyond ``keep``."""
+        if not self.is_complete(step):
+            return
+        manifest = {"step": step, "fingerprint": self.fingerprint, "blocks": self.blocks,
+                    "replicas": self.replicas, "files": [p.name for p in self.expected(step)]}
+        atomic_write(self.step_dir(step) / "manifest.json", json.dumps(manifest, indent=1).encode())
+        complete = [s for s in self.steps_on_disk() if self.is_complete(s)]
+        for old in complete[self.keep :]:
+            shutil.rmtree(self.step_dir(old), ignore_errors=True)
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def verify(self, step: int) -> str | None:
+        """None if the step is complete and intact, else the reason it cannot be used."""
+        for path in self.expected(step):
+            side = self.sidecar(path)
+            if not path.exists() or not side.exists():
+                return f"{path.name} is missing"
+            try:
+                meta = json.loads(side.read_text())
+            except (OSError, ValueError) as e:
+                return f"{side.name} is unreadable ({e})"
+            if meta.get("fingerprint") != self.fingerprint:
+                raise IncompatibleCheckpoint(
+                    f"checkpoint {path} was written by a different config (fingerprint {meta.get('fingerprint')}, "
+                    f"this run {self.fingerprint}: method, model or masking differ); use another run.dir "
+                    "or start fresh with --fresh"
+                )
+            if meta.get("bytes") != path.stat().st_size or meta.get("sha256") != sha256_file(path):
+                return f"{path.name} does not match its recorded size/sha256 (corrupt or truncated)"
+        return None
+
+    def latest(self) -> int | None:
+        """Newest complete, intact step; corrupt or partial newer ones are skipped with a warning."""
+        for step in self.steps_on_disk():
+            if not self.is_complete(step):
+                continue
+            reason = self.verify(step)
+            if reason is None:
+                return step
+            log.warning("checkpoint step %d is unusable: %s; falling back to an older one", step, reason)
+        return None
+
+    def load_block(self, step: int, block: int, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        path = self.step_dir(step) / f"block_{block:02d}.pt"
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {e}") from None
+        if state.get("fingerprint") != self.fingerprint:
+            raise IncompatibleCheckpoint(f"{path} belongs to a different config; use another run.dir or --fresh")
+        return state
+
+    def load_position(self, step: int, replica: int) -> Position:
+        path = self.step_dir(step) / f"data_r{replica:02d}.json"
+        if not path.exists():
+            raise IncompatibleCheckpoint(f"{path} is missing: the checkpoint was written with a different "
+                                         "pipeline.replicas; resume with the same replica count or --fresh")
+        data = json.loads(path.read_text())
+        return Position(epoch=int(data["epoch"]), offset=int(data["offset"]))
+
+    def set_aside(self) -> Path | None:
+        """For --fresh: move old checkpoints out of the way (never delete them)."""
+        if not self.root.exists():
+            return None
+        dest = self.root.with_name(f"{self.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.root.rename(dest)
+        return dest

@@ -1,0 +1,83 @@
+"""The swappable optimisation part of a unit: optimizer, LR schedule and data-parallel gradient averaging.
+
+``TorchEngine`` is AdamW + warmup/cosine (timm helpers) with DDP over the stage's replicas. A DeepSpeed engine
+implements the same four methods, so the stage loop does not care which one it drives.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bimdist.config import Config
+
+
+@dataclass
+class StepStats:
+    lr: float
+    grad_norm: float
+    skipped: bool  # non-finite gradients: the update was dropped
+
+
+class Engine(Protocol):
+    module: nn.Module  # what the stage loop calls forward on (may be a DDP / DeepSpeed wrapper)
+
+    def backward_step(self, loss: torch.Tensor, step: int) -> StepStats: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> CosineLRScheduler:
+    """Linear warmup for ``warmup_steps`` then cosine to ``min_lr`` at ``run.steps``, updated per iteration."""
+    warmup = min(cfg.optim.warmup_steps, cfg.run.steps - 1)
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, cfg.run.steps - warmup), lr_min=cfg.optim.min_lr, warmup_t=warmup,
+        warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+    )
+
+
+class TorchEngine:
+    def __init__(self, unit: nn.Module, cfg: Config, *, dp_group: Any = None):
+        self.unit = unit
+        self.module: nn.Module = unit
+        if dp_group is not None:
+            device_ids = [unit_device(unit).index] if unit_device(unit).type == "cuda" else None
+            self.module = DistributedDataParallel(unit, process_group=dp_group, broadcast_buffers=False,
+                                                  device_ids=device_ids)
+        groups = param_groups_weight_decay(unit, cfg.optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else math.inf
+        self.params = [p for p in unit.parameters() if p.requires_grad]
+
+    def backward_step(self, loss: torch.Tensor, step: int) -> StepStats:
+        self.scheduler.step_update(step + 1)  # step + 1: the first step already trains
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
+        skipped = not math.isfinite(norm)  # identical on every replica: gradients are already averaged
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        return StepStats(lr=self.optimizer.param_groups[0]["lr"], grad_norm=norm, skipped=skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def unit_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device

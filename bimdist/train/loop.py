@@ -1,0 +1,277 @@
+"""One stage's training loop: input (data or the previous stage) -> units -> output (the next stage).
+
+The single-process trainer is this loop with one stage holding every block and no transport; a pipeline
+runs one loop per rank. Stage 0 decides when the stream ends (step limit, end of data, ``run.stop_at`` or a
+signal) and sends an END message that every later stage processes after its last step, so all stages
+checkpoint at the same step. A stage never waits on anything downstream except send backpressure.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bimdist.config import Config, visible_counts
+from bimdist.data.batches import Batch, train_batches
+from bimdist.data.stream import DataError, DataStats, Position
+from bimdist.dist.control import ControlBoard
+from bimdist.dist.groups import StageComm, all_max, all_min
+from bimdist.dist.topology import blocks_of_stage
+from bimdist.dist.transport import DATA, END, Message, PeerError, Transport
+from bimdist.model.unit import unit_indices
+from bimdist.telemetry.progress import Progress, StepRecord
+from bimdist.train.checkpoint import CheckpointStore
+from bimdist.train.engine import TorchEngine
+from bimdist.train.signals import (
+    END_DATA,
+    END_DONE,
+    END_NAMES,
+    END_PREEMPT,
+    END_STOP_AT,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    StopFlag,
+)
+from bimdist.train.worker import StageWorker
+
+log = logging.getLogger("bimdist.train")
+
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StageResult:
+    exit_code: int
+    steps_done: int
+    reason: str
+    last_losses: list[float] = field(default_factory=list)
+
+
+class Observer:
+    """Telemetry hooks; every method is optional and must never raise into training."""
+
+    def on_start(self, start_step: int) -> None: ...
+
+    def on_step(self, rec: StepRecord) -> None: ...
+
+    def on_end(self, result: StageResult) -> None: ...
+
+
+def prefetch(it: Iterator[Batch], depth: int = 2, timeout_s: float = 600.0) -> Iterator[Batch]:
+    """Build batches on a background thread so decoding overlaps compute; the order is unchanged."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work() -> None:
+        try:
+            for b in it:
+                q.put(b)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the consumer side
+            q.put(e)
+
+    threading.Thread(target=work, name="bimdist-data", daemon=True).start()
+    while True:
+        try:
+            item = q.get(timeout=timeout_s)
+        except queue.Empty:
+            raise DataError(f"no batch produced within {timeout_s:.0f} s (data loading stalled)") from None
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class StageLoop:
+    def __init__(self, cfg: Config, run_dir: Path, *, comm: StageComm | None, device: torch.device,
+                 stop: StopFlag, board: ControlBoard | None = None, fresh: bool = False,
+                 observers: list[Observer] | None = None, engine_factory: Callable[..., Any] | None = None):
+        self.cfg, self.run_dir, self.comm, self.device, self.stop = cfg, run_dir, comm, device, stop
+        self.board = board
+        self._stop_posted = False
+        self.observers = observers or []
+        p = cfg.pipeline
+        self.stage = comm.coord.stage if comm else 0
+        self.replica = comm.coord.replica if comm else 0
+        self.stages = p.stages if comm else 1
+        self.first, self.last = self.stage == 0, self.stage == self.stages - 1
+        all_units = unit_indices(cfg)
+        self.blocks = blocks_of_stage(len(all_units), self.stages, self.stage) if cfg.method == "bim" else all_units
+        dp_group = comm.dp_group if comm else None
+        make = engine_factory or (lambda unit: TorchEngine(unit, cfg, dp_group=dp_group))
+        self.worker = StageWorker(cfg, self.blocks, device=device, engine_factory=make)
+        self.store = CheckpointStore(run_dir / "checkpoints", fingerprint=cfg.fingerprint(), blocks=all_units,
+                                     replicas=p.replicas, keep=cfg.checkpoint.keep)
+        self.data_stats = DataStats(log_every=cfg.data.log_corrupt_every)
+        self.transport: Transport | None = None
+        if comm and (comm.prev or comm.next):
+            self.transport = Transport(device=device, prev=comm.prev, next=comm.next, max_in_flight=p.max_in_flight,
+                                       prefetch=p.prefetch, peer_timeout_s=p.peer_timeout_s,
+                                       startup_timeout_s=p.startup_timeout_s)
+        drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
+        counts = visible_counts(cfg.model.num_patches, cfg.masking.mask_ratio, drops)
+        self.next_visible = counts[self.blocks[-1] + 1] if not self.last else 0
+        self.wire_dtype = WIRE_DTYPES.get(p.wire_dtype, torch.float32)
+        self.ids_dtype = torch.int16 if cfg.model.num_patches < 2**15 else torch.int32
+        self.fresh = fresh
+        self.saved_step = -1
+
+    # ---- resume -------------------------------------------------------------------------------------------
+    def _resume(self) -> tuple[int, Position]:
+        """Agree on a start step across all ranks and load this stage's state for it."""
+        mine = -1
+        if self.cfg.checkpoint.resume == "auto" and not self.fresh:
+            latest = self.store.latest()
+            mine = -1 if latest is None else latest
+        step = all_min(mine, device=self.device) if self.comm and self.comm.distributed else mine
+        if step < 0:
+            if mine >= 0:
+                log.warning("another rank sees no usable checkpoint; every rank starts from step 0")
+            return 0, Position()
+        if self.store.verify(step) is not None:  # another rank chose an older step than ours: check it too
+            raise PeerError(f"ranks disagree on the checkpoint to resume and step {step} is unusable here")
+        states = [self.store.load_block(step, b, map_location=self.device) for b in self.blocks]
+        self.worker.load_state_dicts(states)
+        if states and "rng" in states[0]:
+            torch.set_rng_state(states[0]["rng"])
+        position = self.store.load_position(step, self.replica) if self.first else Position()
+        log.info("resumed stage %d from %s (step %d)", self.stage, self.store.step_dir(step), step)
+        self.saved_step = step
+        return step, position
+
+    # ---- checkpoint ---------------------------------------------------------------------------------------
+    def checkpoint(self, step: int, position: Position | None) -> None:
+        if step == self.saved_step:
+            return
+        if self.replica == 0:
+            rng = torch.get_rng_state()
+            for block, state in zip(self.blocks, self.worker.state_dicts()):
+                self.store.save_block(step, block, dict(state, rng=rng))
+        if self.first and position is not None:
+            self.store.save_position(step, self.replica, position)
+        self.store.finish(step)
+        self.saved_step = step
+        log.info("checkpoint stage=%d replica=%d step=%d dir=%s", self.stage, self.replica, step,
+                 self.store.step_dir(step))
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def _end_reason_stage0(self, step: int, batch: Batch | None) -> int | None:
+        run = self.cfg.run
+        if step >= run.steps:
+            return END_DONE
+        if run.stop_at is not None and step >= run.stop_at:
+            return END_STOP_AT
+        stop = self.stop.requested or (self.board is not None and self.board.stop_requested())
+        flags = [int(batch is None), int(stop)]
+        if self.comm and self.comm.dp_group is not None:  # stage-0 replicas agree on data end and preemption
+            flags = all_max(flags, self.comm.dp_group, device=self.device)
+        if flags[1]:
+            return END_PREEMPT
+        if flags[0]:
+            return END_DATA
+        return None
+
+    def _emit(self, step: int, ids_shuffle: torch.Tensor, images: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        assert self.transport is not None
+
+        def send(tokens: torch.Tensor) -> None:  # [n, 1+v, D] -> the next stage, before our own backward
+            wire = tokens[:, : 1 + self.next_visible].to(self.wire_dtype)
+            self.transport.send(Message(DATA, step, [wire, ids_shuffle.to(self.ids_dtype), images]))
+
+        return send
+
+    def run(self) -> StageResult:
+        start, position = self._resume()
+        for o in self.observers:
+            o.on_start(start)
+        progress = Progress(steps=self.cfg.run.steps, every=self.cfg.run.log_every, stage=self.stage,
+                            replica=self.replica, enabled=self.replica == 0, start=start)
+        batches: Iterator[Batch] | None = None
+        if self.first:
+            replicas = self.comm.topo.replicas if self.comm else 1
+            batches = prefetch(train_batches(self.cfg, replica=self.replica, replicas=replicas, start_step=start,
+                                             start=position, stats=self.data_stats))
+        step, reason, losses = start, END_DONE, []
+        every = self.cfg.checkpoint.every
+        last_end = time.perf_counter()
+        try:
+            while True:
+                recv0 = self.transport.recv_wait_s if self.transport else 0.0
+                send0 = self.transport.send_wait_s if self.transport else 0.0
+                t_wait = time.perf_counter()
+                if self.first:
+                    assert batches is not None
+                    batch = next(batches, None) if step < self.cfg.run.steps else None
+                    end = self._end_reason_stage0(step, batch)
+                    if end is not None:
+                        reason = end
+                        break
+                    assert batch is not None
+                    position = batch.position
+                    images = batch.images.to(self.device, non_blocking=True)
+                    ids = batch.ids_shuffle.to(self.device, non_blocking=True)
+                    tokens = None
+                else:
+                    assert self.transport is not None
+                    msg = self.transport.recv()
+                    if msg.kind == END:
+                        reason = msg.reason
+                        if msg.step != step:
+                            raise PeerError(f"previous stage ended at step {msg.step}, this stage is at {step}")
+                        break
+                    if msg.step != step:
+                        raise PeerError(f"expected step {step} from the previous stage, got {msg.step}")
+                    tokens = msg.tensors[0].float()
+                    ids, images = msg.tensors[1].long(), msg.tensors[2]
+                data_wait = time.perf_counter() - t_wait if self.first else 0.0
+                emit = self._emit(step, ids, images) if not self.last else None
+                t0 = time.perf_counter()
+                result = self.worker.train_step(step=step, images=images, ids_shuffle=ids, tokens=tokens, emit=emit)
+                now = time.perf_counter()
+                losses = result.losses
+                rec = StepRecord(
+                    stage=self.stage, replica=self.replica, step=step, blocks=self.blocks, losses=result.losses,
+                    samples=images.shape[0], step_s=now - last_end, compute_s=now - t0,
+                    recv_wait_s=(self.transport.recv_wait_s - recv0 if self.transport else 0.0) + data_wait,
+                    send_wait_s=self.transport.send_wait_s - send0 if self.transport else 0.0,
+                    lr=result.lr, skipped=result.skipped,
+                )
+                last_end = now
+                progress.update(rec)
+                for o in self.observers:
+                    o.on_step(rec)
+                step += 1
+                if self.stop.requested and self.board is not None and not self._stop_posted:
+                    self.board.request_stop(self.stop.signal_name or "signal")  # reaches stage 0 wherever it came
+                    self._stop_posted = True
+                if every and step % every == 0:
+                    self.checkpoint(step, position if self.first else None)
+                if not self.first and self.stop.requested and self.stop.since is not None:
+                    if time.monotonic() - self.stop.since > self.cfg.pipeline.peer_timeout_s:
+                        log.error("got %s but stage 0 never ended the stream; checkpointing here at step %d",
+                                  self.stop.signal_name, step)
+                        reason = END_PREEMPT
+                        break
+            # Drain: checkpoint where the stream ended, then pass the END on so the next stage does the same.
+            self.checkpoint(step, position if self.first else None)
+            if self.transport is not None:
+                if not self.last:
+                    self.transport.send(Message(END, step, reason=reason))
+                self.transport.close()
+        finally:
+            progress.close()
+        log.info("stage %d replica %d finished at step %d (%s)", self.stage, self.replica, step, END_NAMES[reason])
+        code = EXIT_PREEMPTED if reason == END_PREEMPT else EXIT_OK
+        result = StageResult(exit_code=code, steps_done=step, reason=END_NAMES[reason], last_losses=losses)
+        for o in self.observers:
+            o.on_end(result)
+        return result

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job on one machine: set up, convert Fashion-MNIST to shards, pretrain fmnist-tiny as a 4-stage
+# asynchronous pipeline (4 local processes), then print the linear-probe / kNN table and write the pictures.
+#   bash launch/demo.sh [extra --section.key=value overrides for bimdist train]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+. .venv/bin/activate
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+RUN_DIR=${RUN_DIR:-runs/fmnist-tiny}
+[ -f data/fashion-mnist/dataset.json ] || bimdist data prepare fashion-mnist --out data/fashion-mnist
+bimdist train fmnist-tiny --pipeline.stages=4 --run.dir="$RUN_DIR" "$@"
+bimdist eval "$RUN_DIR"
+echo "demo: reconstructions in $RUN_DIR/recon.png, losses in $RUN_DIR/loss.png, table in $RUN_DIR/eval.md"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up bimdist on a Debian/Ubuntu machine: Debian packages (when apt is available and we are root), a virtual
+# environment in .venv with PyTorch and bimdist (editable, with the test extras). Safe to run again.
+#   bash launch/setup.sh            # everything
+#   BIMDIST_APT=0 bash launch/setup.sh   # skip the Debian packages
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(dataset-fashion-mnist prometheus prometheus-pushgateway slurm-wlm munge docker-compose numactl)
+if [ "${BIMDIST_APT:-1}" = 1 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  missing=()
+  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >/dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+if ! python -c "import torch, torchvision" 2>/dev/null; then
+  echo "setup: installing PyTorch"
+  # torch 2.14.1 + torchvision 0.29.1 are the pair timm imports with here; setup.cfg only asks for torch>=2.4.
+  pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
+fi
+if ! python -c "import bimdist, timm, webdataset, deepspeed, pytest" 2>/dev/null; then
+  echo "setup: installing bimdist and its dependencies"
+  DS_BUILD_OPS=0 pip install -q -e '.[test]' 2>&1 | grep -vE "is ignored|^\s*!!|WheelFile|with strategy" || true
+fi
+python -c "import bimdist, torch; print(f'setup: bimdist {bimdist.__version__}, torch {torch.__version__}, ready')"

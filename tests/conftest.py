@@ -1,0 +1,94 @@
+"""Shared helpers: run the real CLI in subprocesses with hard timeouts, small configs, real data assets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "tests" / "assets"
+TINY = ASSETS / "tiny.yaml"
+FMNIST_MINI = ASSETS / "fmnist-mini"
+
+
+def cli(*args: str, timeout: float = 300, env: dict | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m bimdist ...``; a hang fails the test instead of stalling CI."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        if not env or key not in env:
+            full_env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "bimdist", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+def load_block(run_dir: Path, step: int, block: int) -> dict[str, torch.Tensor]:
+    path = Path(run_dir) / "checkpoints" / f"step_{step:08d}" / f"block_{block:02d}.pt"
+    return torch.load(path, weights_only=True)["model"]
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def fmnist_mini_args() -> list[str]:
+    return [f"--data.train_shards={FMNIST_MINI}/train-{{000000..000003}}.tar",
+            f"--data.test_shards={FMNIST_MINI}/test-{{000000..000001}}.tar"]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
+
+
+def start_cli(*args: str, log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``python -m bimdist ...`` in the background, output to ``log_path``."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        if not env or key not in env:
+            full_env.pop(key, None)
+    log = open(log_path, "w")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen([sys.executable, "-m", "bimdist", *args], stdout=log, stderr=subprocess.STDOUT,
+                            env=full_env, cwd=ROOT)
+
+
+def ranks_of(pid: int) -> dict[int, int]:
+    """{RANK: pid} of the processes below ``pid`` that carry a RANK variable (torchrun or bimdist children)."""
+    out: dict[int, int] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        ancestors = {ppid}
+        try:
+            grand = int((Path("/proc") / str(ppid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ancestors.add(grand)
+        except (OSError, ValueError):
+            pass
+        if pid in ancestors:
+            for item in environ:
+                if item.startswith(b"RANK="):
+                    out[int(item[5:])] = int(proc.name)
+    return out
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False

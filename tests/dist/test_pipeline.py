@@ -1,0 +1,141 @@
+"""The stage pipeline for real: several processes on gloo, hard timeouts, compared with the sequential trainer."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY, cli, fmnist_mini_args, load_block, max_abs_diff, ranks_of, start_cli, wait_for
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """The reference: one process, one thread (float reduction order depends on the thread count)."""
+    run_dir = tmp_path_factory.mktemp("seq") / "run"
+    proc = cli("train", str(TINY), f"--run.dir={run_dir}", f"--run.steps={STEPS}", "--pipeline.threads=1")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def _assert_clean_drain(proc, world):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finished = re.findall(r"stage (\d) replica (\d) finished at step (\d+) \(step limit\)", proc.stderr)
+    assert len(finished) == world and {int(s) for _, _, s in finished} == {STEPS}
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_pipeline_equals_sequential_exactly(sequential, tmp_path, stages):
+    proc = cli("train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", f"--pipeline.stages={stages}",
+               "--pipeline.threads=1", timeout=240)
+    _assert_clean_drain(proc, stages)
+    assert "1 torch threads" in proc.stderr
+    for block in range(4):
+        want, got = load_block(sequential, STEPS, block), load_block(tmp_path, STEPS, block)
+        assert all(torch.equal(want[k], got[k]) for k in want), f"block {block} differs at S={stages}"
+
+
+def test_two_stages_two_replicas_match_the_global_batch(sequential, tmp_path):
+    proc = cli("train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", "--pipeline.stages=2",
+               "--pipeline.replicas=2", "--pipeline.threads=1", timeout=240)
+    _assert_clean_drain(proc, 4)
+    first = cli("train", str(TINY), f"--run.dir={tmp_path / 'one-step'}", "--run.steps=1")
+    assert first.returncode == 0
+    for block in range(4):
+        want, got = load_block(sequential, STEPS, block), load_block(tmp_path, STEPS, block)
+        diff = max_abs_diff(want, got)
+        assert diff < 1e-4, f"block {block}: replicas drift {diff:.2e} from the global-batch run"
+        assert max_abs_diff(load_block(tmp_path / "one-step", 1, block), got) > 10 * diff  # it did train
+
+
+def test_stage0_replicas_read_disjoint_shards_and_nobody_else_does(tmp_path):
+    proc = cli("train", str(TINY), "--data.source=shards", *fmnist_mini_args(), "--model.img_size=28",
+               "--data.batch_size=16", f"--run.dir={tmp_path}", "--run.steps=6", "--pipeline.stages=2",
+               "--pipeline.replicas=2", env={"BIMDIST_LOG_LEVEL": "DEBUG"}, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    opened: dict[int, set[str]] = {}
+    for rank, shard in re.findall(r"\[rank=(\d) stage=\d replica=\d\] bimdist.data: replica \d opens shard (\S+)",
+                                  proc.stderr):
+        opened.setdefault(int(rank), set()).add(os.path.basename(shard))
+    assert set(opened) == {0, 2}, f"ranks that opened shards: {sorted(opened)} (stage 0 is ranks 0 and 2)"
+    assert opened[0] and opened[2] and not opened[0] & opened[2]
+
+
+def test_wrong_world_size_fails_before_training(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--standalone", "-m", "bimdist",
+         "train", str(TINY), f"--run.dir={tmp_path}", "--pipeline.stages=2"],
+        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "the launcher started 3 processes" in line]
+    assert len(lines) == 3, proc.stderr[-2000:]
+    assert "pipeline.stages x pipeline.replicas = 2 x 1 = 2" in lines[0]
+    assert "progress" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_torchrun_launch_matches_sequential(sequential, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "bimdist",
+         "train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", "--pipeline.stages=2",
+         "--pipeline.threads=1"], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for block in range(4):
+        want, got = load_block(sequential, STEPS, block), load_block(tmp_path, STEPS, block)
+        assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_srun_style_environment_is_understood(sequential, tmp_path):
+    """Two processes started with only SLURM_* variables (as srun sets them) form the pipeline."""
+    port = str(29000 + os.getpid() % 1000)
+    procs = []
+    for rank in (0, 1):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+        env.update(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_NTASKS="2", SLURM_STEP_ID="0",
+                   SLURM_JOB_ID="42", SLURM_STEP_TASKS_PER_NODE="2", SLURM_JOB_NODELIST="localhost",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "bimdist", "train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}",
+             "--pipeline.stages=2", "--pipeline.threads=1"], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert "[rank=1 stage=1 replica=0]" in outs[1]
+    for block in range(4):
+        want, got = load_block(sequential, STEPS, block), load_block(tmp_path, STEPS, block)
+        assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_kill_9_of_a_middle_stage_ends_every_rank_naming_it(tmp_path):
+    timeout = 15
+    log = tmp_path / "job.log"
+    job = start_cli("train", str(TINY), f"--run.dir={tmp_path / 'run'}", "--run.steps=100000",
+                    "--pipeline.stages=4", f"--pipeline.peer_timeout_s={timeout}", "--run.log_every=10",
+                    log_path=log)
+    try:
+        assert wait_for(lambda: "progress stage=3" in log.read_text(), 180), log.read_text()[-3000:]
+        ranks = ranks_of(job.pid)
+        assert sorted(ranks) == [0, 1, 2, 3]
+        os.kill(ranks[2], signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = job.wait(timeout=timeout * 3 + 30)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if job.poll() is None:
+            job.kill()
+    text = log.read_text()
+    assert code == 3, text[-3000:]
+    assert elapsed < timeout * 3, f"ranks took {elapsed:.0f} s to stop"
+    assert "rank 2 (stage 2, replica 0) was killed by SIGKILL" in text
+    for rank in (0, 1, 3):
+        line = next(ln for ln in text.splitlines() if f"[rank={rank} " in ln and "peer failure" in ln)
+        assert "stage 2 (rank 2)" in line or "stage 1 (rank 1)" in line, line
+    assert re.search(r"\[rank=3 .*peer failure: receiving from stage 2 \(rank 2\) failed", text)
+    assert re.search(r"\[rank=0 .*first failure in the job: rank \d: .*stage 2 \(rank 2\)", text), text[-3000:]
+    assert "exit codes by rank: [3, 3, -9, 3]" in text

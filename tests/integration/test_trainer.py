@@ -1,0 +1,144 @@
+"""The single-process trainer end to end through the real CLI: learning, resume, eval, export, pictures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+from bimdist.config import load_config
+from bimdist.model.backbone import Backbone
+from bimdist.model.unit import normalize_images
+from bimdist.runs import load_units
+from bimdist.telemetry.losslog import read_losses
+from tests.conftest import FMNIST_MINI, TINY, cli, fmnist_mini_args, load_block, max_abs_diff
+
+
+def first_last_mean(run_dir: Path, block: int, n: int = 5) -> tuple[float, float]:
+    rows = [r for r in read_losses(run_dir / "losses" / "stage0_r0.csv") if int(r["block"]) == block]
+    losses = [float(r["loss"]) for r in rows]
+    return sum(losses[:n]) / n, sum(losses[-n:]) / n
+
+
+def test_loss_goes_down_on_synthetic(run_dir):
+    proc = cli("train", str(TINY), f"--run.dir={run_dir}", "--run.steps=60", "--optim.blr=3e-3",
+               "--optim.warmup_steps=5", "--run.recon_png=true")
+    assert proc.returncode == 0, proc.stderr
+    for block in range(4):
+        first, last = first_last_mean(run_dir, block)
+        assert last < 0.8 * first, f"block {block}: loss {first:.3f} -> {last:.3f}"
+    assert "progress stage=0 replica=0 step=60/60" in proc.stderr
+    png = Image.open(run_dir / "recon.png")
+    assert png.size[0] > png.size[1] / 8 * 6 * 0.9  # 6 columns (original, masked, 4 blocks) for 8 rows
+    assert (run_dir / "loss.png").stat().st_size > 0
+    assert (run_dir / "config.yaml").exists() and "method: bim" in proc.stdout
+
+
+def test_loss_goes_down_on_fashion_mnist_shards(run_dir):
+    proc = cli("train", str(TINY), "--data.source=shards", *fmnist_mini_args(), "--model.img_size=28",
+               "--data.mean=[0.286]", "--data.std=[0.353]", "--data.batch_size=32", "--data.shuffle_buffer=64",
+               f"--run.dir={run_dir}", "--run.steps=60", "--optim.blr=3e-3", "--optim.warmup_steps=5",
+               "--run.recon_png=true")
+    assert proc.returncode == 0, proc.stderr
+    for block in range(4):
+        first, last = first_last_mean(run_dir, block)
+        assert last < 0.8 * first, f"block {block}: loss {first:.3f} -> {last:.3f}"
+    assert (run_dir / "recon.png").exists()
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    common = [str(TINY), "--run.steps=10", "--checkpoint.every=3", "--checkpoint.keep=10", "--pipeline.threads=1"]
+    whole = cli("train", *common, f"--run.dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    half = cli("train", *common, f"--run.dir={tmp_path / 'split'}", "--run.stop_at=5")
+    assert half.returncode == 0, half.stderr
+    assert "finished at step 5 (run.stop_at)" in half.stderr
+    rest = cli("train", *common, f"--run.dir={tmp_path / 'split'}")
+    assert rest.returncode == 0, rest.stderr
+    assert "resumed stage 0" in rest.stderr and "(step 5)" in rest.stderr
+    for block in range(4):
+        a, b = load_block(tmp_path / "whole", 10, block), load_block(tmp_path / "split", 10, block)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"block {block} differs after resume"
+    init = load_block(tmp_path / "split", 5, 0)
+    assert max_abs_diff(init, load_block(tmp_path / "split", 10, 0)) > 1e-5  # the second half did train
+    rows = read_losses(tmp_path / "split" / "losses" / "stage0_r0.csv")
+    assert [int(r["step"]) for r in rows if r["block"] == "0"] == list(range(10))
+
+
+def test_fresh_flag_sets_old_checkpoints_aside(tmp_path):
+    args = [str(TINY), "--run.steps=2", f"--run.dir={tmp_path}"]
+    assert cli("train", *args).returncode == 0
+    proc = cli("train", *args, "--fresh")
+    assert proc.returncode == 0 and "moved to" in proc.stderr and "resumed" not in proc.stderr
+    assert list(tmp_path.glob("checkpoints.old-*"))
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    assert cli("train", str(TINY), "--run.steps=2", f"--run.dir={tmp_path}").returncode == 0
+    proc = cli("train", str(TINY), "--run.steps=4", "--model.embed_dim=48", f"--run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "different config" in proc.stderr and "--fresh" in proc.stderr
+
+
+def test_unwritable_run_dir_is_exit_2(tmp_path):
+    (tmp_path / "file").write_text("x")
+    proc = cli("train", str(TINY), "--run.steps=2", f"--run.dir={tmp_path / 'file' / 'run'}")
+    assert proc.returncode == 2 and "is not writable" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained_fmnist(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fm") / "run"
+    proc = cli("train", str(TINY), "--data.source=shards", *fmnist_mini_args(), "--model.img_size=28",
+               "--data.mean=[0.286]", "--data.std=[0.353]", "--data.batch_size=32", f"--run.dir={run_dir}",
+               "--run.steps=20", "--optim.blr=3e-3", "--eval.train_samples=256", "--eval.test_samples=128")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def test_eval_prints_a_table_for_every_depth(trained_fmnist):
+    proc = cli("eval", str(trained_fmnist))
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| features | layers | linear probe % | kNN % |")
+    names = [line.split("|")[1].strip() for line in lines[1:]]  # the |---| rule does not start with "| "
+    assert names == ["raw pixels", "depth 1", "depth 2", "depth 3", "depth 4"]
+    result = json.loads((trained_fmnist / "eval.json").read_text())
+    for row in result["rows"]:
+        assert 10.0 < row["linear"] <= 100.0 and 10.0 < row["knn"] <= 100.0  # above chance on 10 classes
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_export_loads_strictly_into_timm_and_matches(trained_fmnist, tmp_path, depth):
+    out = tmp_path / f"d{depth}.safetensors"
+    proc = cli("export", str(trained_fmnist), "--depth", str(depth), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    kwargs = json.loads(out.with_suffix(".json").read_text())
+    model = VisionTransformer(**kwargs).eval()
+    model.load_state_dict(load_file(str(out)), strict=True)
+    cfg = load_config(str(trained_fmnist / "config.yaml"))
+    units, _ = load_units(cfg, trained_fmnist)
+    backbone = Backbone(cfg, units).eval()
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        theirs = model.forward_features(normalize_images(images, backbone.mean, backbone.std))
+    assert torch.allclose(theirs, backbone.features(images, depths=depth)[-1], atol=1e-5)
+
+
+def test_export_rejects_a_bad_depth(trained_fmnist, tmp_path):
+    proc = cli("export", str(trained_fmnist), "--depth", "9", "--out", str(tmp_path / "x.safetensors"))
+    assert proc.returncode == 2 and "depth 9 is out of range" in proc.stderr
+
+
+def test_recon_on_demand(trained_fmnist, tmp_path):
+    proc = cli("recon", str(trained_fmnist), "--out", str(tmp_path / "r.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "r.png").format == "PNG"
+
+
+def test_fmnist_mini_asset_is_real_fashion_mnist():
+    info = json.loads((FMNIST_MINI / "dataset.json").read_text())
+    assert info["name"] == "fashion-mnist" and info["num_train"] == 256
