@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
@@ -40,7 +40,10 @@ class StepRecord:
     send_wait_s: float  # blocked on backpressure from the next stage
     lr: float
     skipped: int  # units whose update was dropped for non-finite gradients
-    extra: dict[str, float] = field(default_factory=dict)
+    bytes_sent: int = 0  # cumulative, from the transport
+    bytes_received: int = 0  # cumulative
+    in_flight: int = 0  # messages queued or being sent downstream
+    corrupt: int = 0  # cumulative skipped training samples (stage 0)
 
 
 class Progress:

@@ -28,6 +28,7 @@ from bimdist.dist.topology import blocks_of_stage
 from bimdist.dist.transport import DATA, END, Message, PeerError, Transport
 from bimdist.model.unit import unit_indices
 from bimdist.telemetry.progress import Progress, StepRecord
+from bimdist.telemetry.trace import Timeline
 from bimdist.train.checkpoint import CheckpointStore
 from bimdist.train.engine import TorchEngine
 from bimdist.train.signals import (
@@ -94,7 +95,8 @@ def prefetch(it: Iterator[Batch], depth: int = 2, timeout_s: float = 600.0) -> I
 class StageLoop:
     def __init__(self, cfg: Config, run_dir: Path, *, comm: StageComm | None, device: torch.device,
                  stop: StopFlag, board: ControlBoard | None = None, fresh: bool = False,
-                 observers: list[Observer] | None = None, engine_factory: Callable[..., Any] | None = None):
+                 observers: list[Observer] | None = None, engine_factory: Callable[..., Any] | None = None,
+                 timeline: Timeline | None = None):
         self.cfg, self.run_dir, self.comm, self.device, self.stop = cfg, run_dir, comm, device, stop
         self.board = board
         self._stop_posted = False
@@ -124,6 +126,7 @@ class StageLoop:
         self.ids_dtype = torch.int16 if cfg.model.num_patches < 2**15 else torch.int32
         self.fresh = fresh
         self.saved_step = -1
+        self.timeline = timeline or Timeline(None, stage=self.stage, replica=self.replica)
 
     # ---- resume -------------------------------------------------------------------------------------------
     def _resume(self) -> tuple[int, Position]:
@@ -152,6 +155,7 @@ class StageLoop:
     def checkpoint(self, step: int, position: Position | None) -> None:
         if step == self.saved_step:
             return
+        self.timeline.switch("checkpoint")
         if self.replica == 0:
             rng = torch.get_rng_state()
             for block, state in zip(self.blocks, self.worker.state_dicts()):
@@ -208,6 +212,7 @@ class StageLoop:
                 recv0 = self.transport.recv_wait_s if self.transport else 0.0
                 send0 = self.transport.send_wait_s if self.transport else 0.0
                 t_wait = time.perf_counter()
+                self.timeline.switch("recv-wait", step=step)
                 if self.first:
                     assert batches is not None
                     batch = next(batches, None) if step < self.cfg.run.steps else None
@@ -235,7 +240,8 @@ class StageLoop:
                 data_wait = time.perf_counter() - t_wait if self.first else 0.0
                 emit = self._emit(step, ids, images) if not self.last else None
                 t0 = time.perf_counter()
-                result = self.worker.train_step(step=step, images=images, ids_shuffle=ids, tokens=tokens, emit=emit)
+                result = self.worker.train_step(step=step, images=images, ids_shuffle=ids, tokens=tokens, emit=emit,
+                                                phase=self.timeline.switch)
                 now = time.perf_counter()
                 losses = result.losses
                 rec = StepRecord(
@@ -243,7 +249,10 @@ class StageLoop:
                     samples=images.shape[0], step_s=now - last_end, compute_s=now - t0,
                     recv_wait_s=(self.transport.recv_wait_s - recv0 if self.transport else 0.0) + data_wait,
                     send_wait_s=self.transport.send_wait_s - send0 if self.transport else 0.0,
-                    lr=result.lr, skipped=result.skipped,
+                    lr=result.lr, skipped=result.skipped, corrupt=self.data_stats.corrupt,
+                    bytes_sent=self.transport.bytes_sent if self.transport else 0,
+                    bytes_received=self.transport.bytes_received if self.transport else 0,
+                    in_flight=self.transport.in_flight if self.transport else 0,
                 )
                 last_end = now
                 progress.update(rec)
@@ -269,6 +278,7 @@ class StageLoop:
                 self.transport.close()
         finally:
             progress.close()
+            self.timeline.close()
         log.info("stage %d replica %d finished at step %d (%s)", self.stage, self.replica, step, END_NAMES[reason])
         code = EXIT_PREEMPTED if reason == END_PREEMPT else EXIT_OK
         result = StageResult(exit_code=code, steps_done=step, reason=END_NAMES[reason], last_losses=losses)

@@ -19,8 +19,11 @@ from bimdist.dist.groups import init_comm
 from bimdist.dist.launch import spawn_local
 from bimdist.dist.topology import Topology, TopologyError, check_world
 from bimdist.dist.transport import PeerError
+from bimdist.runs import store_for
 from bimdist.telemetry.losslog import LossCSV, plot_losses
+from bimdist.telemetry.metrics import FileSDTarget, Metrics
 from bimdist.telemetry.progress import setup_logging
+from bimdist.telemetry.trace import Timeline
 from bimdist.train.checkpoint import CheckpointError, IncompatibleCheckpoint
 from bimdist.train.loop import Observer, StageLoop, StageResult
 from bimdist.train.signals import (
@@ -72,16 +75,6 @@ def restart_count() -> int:
     return 0
 
 
-def _fail(code: int, msg: str, *, distributed: bool) -> int:
-    log.error("%s", msg)
-    if distributed:  # communication threads or collectives may still block: leave now
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
-
-
 def train(cfg: Config, argv: list[str], *, fresh: bool = False, local_rank_arg: int | None = None,
           observers: list[Observer] | None = None) -> int:
     topo = Topology(cfg.pipeline.stages, cfg.pipeline.replicas)
@@ -95,64 +88,103 @@ def train(cfg: Config, argv: list[str], *, fresh: bool = False, local_rank_arg: 
     coord = topo.coord(env.rank) if env.rank < topo.world_size else None
     tag = f"rank={env.rank} stage={coord.stage} replica={coord.replica}" if coord and env.world_size > 1 else ""
     setup_logging(tag)
-    distributed = env.world_size > 1
-    board: ControlBoard | None = None
     if fresh and restart_count() > 0:
         fresh = False  # a restarted job must resume, not set its own checkpoints aside again
+    job = RankJob(cfg, env, topo)
     try:
+        return job.run(fresh=fresh, observers=observers or [])
+    except (ConfigError, TopologyError, LaunchError, IncompatibleCheckpoint) as e:
+        return job.fail(EXIT_CONFIG, f"{type(e).__name__}: {e}")
+    except PeerError as e:
+        msg = f"peer failure: {e}"
+        if job.board is not None:
+            job.board.report_failure(f"rank {env.rank}", str(e))
+            first = job.board.first_failure()
+            if first and not first.startswith(f"rank {env.rank}:"):
+                msg += f" | first failure in the job: {first}"
+        return job.fail(EXIT_PEER, msg)
+    except DataError as e:
+        return job.fail(EXIT_DATA, f"data error: {e}")
+    except CheckpointError as e:
+        return job.fail(EXIT_CHECKPOINT, f"checkpoint error: {e}")
+    except KeyboardInterrupt:
+        return job.fail(EXIT_ERROR, "interrupted")
+    except Exception:
+        log.exception("unexpected error")
+        return job.fail(EXIT_ERROR, "training failed with an unexpected error (traceback above)")
+
+
+class RankJob:
+    """One rank's life: devices, groups, telemetry, the stage loop, and cleanup on every way out."""
+
+    def __init__(self, cfg: Config, env: RankEnv, topo: Topology):
+        self.cfg, self.env, self.topo = cfg, env, topo
+        self.distributed = env.world_size > 1
+        self.board: ControlBoard | None = None
+        self.metrics: Metrics | None = None
+        self.file_sd: FileSDTarget | None = None
+        self.loop: StageLoop | None = None
+
+    def run(self, *, fresh: bool, observers: list[Observer]) -> int:
+        cfg, env, topo = self.cfg, self.env, self.topo
         check_world(env.world_size, topo.stages, topo.replicas)
+        coord = topo.coord(env.rank)
         device = pick_device(cfg.pipeline.device, env.local_rank)
         if device.type == "cpu":
             threads = set_cpu_threads(env.local_world_size, cfg.pipeline.threads)
             log.info("cpu device: %d torch threads for %d local processes", threads, env.local_world_size)
         run_dir = prepare_run_dir(cfg, write=env.rank == 0)
         if env.rank == 0:
-            if env.launcher not in ("bimdist",):
+            if env.launcher != "bimdist":  # the spawner already printed it
                 print(cfg.to_yaml(), flush=True)
             if fresh:
-                from bimdist.runs import store_for
-
                 moved = store_for(cfg, run_dir).set_aside()
                 if moved:
                     log.warning("--fresh: previous checkpoints moved to %s", moved)
+        self.metrics = Metrics(cfg, stage=coord.stage, replica=coord.replica, local_rank=env.local_rank,
+                               device=device)
+        observers = [*observers, self.metrics]
+        if coord.replica == 0:
+            observers.append(LossCSV(run_dir, stage=coord.stage, replica=coord.replica))
+        if cfg.metrics.file_sd_dir and cfg.metrics.port and env.local_rank == 0:
+            ports = [cfg.metrics.port + i for i in range(env.local_world_size)]
+            self.file_sd = FileSDTarget(Path(cfg.metrics.file_sd_dir), job=cfg.metrics.job, bind=cfg.metrics.bind,
+                                        ports=ports)
         comm = None
-        if distributed:
+        if self.distributed:
             p = cfg.pipeline
             comm = init_comm(env, topo, backend=pick_backend(p.backend, device), device=device,
                              startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s)
+            self.board = ControlBoard(env.master_addr, env.master_port, generation=restart_count())
         stop = StopFlag()
         stop.install(cfg.run.preempt_signals)
-        if distributed:
-            board = ControlBoard(env.master_addr, env.master_port, generation=restart_count())
-        coord = topo.coord(env.rank)
-        observers = list(observers or [])
-        if coord.replica == 0:
-            observers.append(LossCSV(run_dir, stage=coord.stage, replica=coord.replica))
-        loop = StageLoop(cfg, run_dir, comm=comm, device=device, stop=stop, board=board, fresh=fresh,
-                         observers=observers)
-        result: StageResult = loop.run()
-        if loop.last and loop.replica == 0 and result.exit_code == EXIT_OK:
+        timeline = Timeline(run_dir / "trace" / f"stage{coord.stage}_r{coord.replica}.jsonl" if cfg.metrics.trace
+                            else None, stage=coord.stage, replica=coord.replica)
+        self.loop = StageLoop(cfg, run_dir, comm=comm, device=device, stop=stop, board=self.board, fresh=fresh,
+                              observers=observers, timeline=timeline)
+        result: StageResult = self.loop.run()
+        if self.loop.last and self.loop.replica == 0 and result.exit_code == EXIT_OK:
             finalize(cfg, run_dir)
-        if distributed:
+        if self.distributed:
             dist.destroy_process_group()
+        self._cleanup()
         return result.exit_code
-    except (ConfigError, TopologyError, LaunchError, IncompatibleCheckpoint) as e:
-        return _fail(EXIT_CONFIG, f"{type(e).__name__}: {e}", distributed=distributed)
-    except PeerError as e:
-        msg = f"peer failure: {e}"
-        if board is not None:
-            board.report_failure(f"rank {env.rank}", str(e))
-            first = board.first_failure()
-            if first and not first.startswith(f"rank {env.rank}:"):
-                msg += f" | first failure in the job: {first}"
-        return _fail(EXIT_PEER, msg, distributed=distributed)
-    except DataError as e:
-        return _fail(EXIT_DATA, f"data error: {e}", distributed=distributed)
-    except CheckpointError as e:
-        return _fail(EXIT_CHECKPOINT, f"checkpoint error: {e}", distributed=distributed)
-    except KeyboardInterrupt:
-        return _fail(EXIT_ERROR, "interrupted", distributed=distributed)
-    except Exception:
-        log.exception("unexpected error")
-        return _fail(EXIT_ERROR, "training failed with an unexpected error (traceback above)", distributed=distributed)
 
+    def _cleanup(self) -> None:
+        if self.file_sd is not None:
+            self.file_sd.remove()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def fail(self, code: int, msg: str) -> int:
+        log.error("%s", msg)
+        if self.metrics is not None:
+            steps = self.loop.saved_step if self.loop is not None else 0
+            self.metrics.push_outcome(code, steps=max(0, steps), losses=[])
+        self._cleanup()
+        if self.distributed:  # communication threads or collectives may still block: leave now
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code

@@ -58,12 +58,23 @@ class StageWorker:
         ids_shuffle: torch.Tensor,  # int64 [n, L]
         tokens: torch.Tensor | None,  # [n, 1+v, D] from the previous stage, or None at stage 0
         emit: Callable[[torch.Tensor], None] | None = None,
+        phase: Callable[[str], None] = lambda name: None,
     ) -> StepResult:
+        """``phase`` is told when the step moves between compute / send-wait / decoder (the timeline)."""
         losses, stats = [], []
         last = len(self.units) - 1
+
+        def encoded(out: torch.Tensor, *, handoff: bool) -> None:
+            if handoff and emit is not None:
+                phase("send-wait")
+                emit(out)
+            phase("decoder")
+
         for i, engine in enumerate(self.engines):
+            phase("compute")
             with self.autocast:
-                out = engine.module(images, ids_shuffle, tokens, on_encoded=emit if i == last else None)
+                out = engine.module(images, ids_shuffle, tokens,
+                                    on_encoded=lambda t, handoff=(i == last): encoded(t, handoff=handoff))
             stats.append(engine.backward_step(out.loss, step))
             losses.append(float(out.loss.detach()))
             tokens = out.tokens.float()

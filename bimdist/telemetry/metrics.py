@@ -1,0 +1,177 @@
+"""Prometheus metrics per rank, the Pushgateway outcome of batch jobs, and file_sd target files.
+
+Each rank serves ``/metrics`` on ``metrics.port + LOCAL_RANK`` at ``metrics.bind``. Labels are ``stage``,
+``replica`` and ``job`` only. Every series exists (at zero) from the start, so dashboards and alerts never
+see a metric appear late.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import socket
+import time
+from pathlib import Path
+
+import torch
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    push_to_gateway,
+    start_http_server,
+)
+
+from bimdist import __version__
+from bimdist.config import Config, ConfigError
+from bimdist.telemetry.progress import StepRecord
+
+log = logging.getLogger("bimdist.metrics")
+
+LABELS = ("stage", "replica", "job")
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class Metrics:
+    """An Observer of the stage loop that keeps a private registry (no module-level state)."""
+
+    def __init__(self, cfg: Config, *, stage: int, replica: int, local_rank: int, device: torch.device):
+        self.cfg, self.device = cfg, device
+        disable_created_metrics()  # no *_created series: they double the series count and no panel uses them
+        self.labels = {"stage": str(stage), "replica": str(replica), "job": cfg.metrics.job}
+        self.registry = CollectorRegistry()
+        r = self.registry
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, LABELS, registry=r).labels(**self.labels)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, LABELS, registry=r).labels(**self.labels)
+
+        self.steps = counter("bimdist_steps", "Training steps finished by this rank")
+        self.samples = counter("bimdist_samples", "Samples processed by this rank")
+        self.loss = gauge("bimdist_loss", "Local reconstruction loss of this stage (mean over its blocks)")
+        self.step_duration = Histogram("bimdist_step_duration_seconds", "Wall time per step", LABELS,
+                                       buckets=STEP_BUCKETS, registry=r).labels(**self.labels)
+        self.compute = counter("bimdist_compute_seconds", "Time spent computing (forward, backward, step)")
+        self.recv_wait = counter("bimdist_recv_wait_seconds", "Time blocked waiting for input (data or upstream)")
+        self.send_wait = counter("bimdist_send_wait_seconds", "Time blocked on send backpressure from downstream")
+        self.sent = counter("bimdist_sent_bytes", "Bytes sent to the next stage")
+        self.received = counter("bimdist_received_bytes", "Bytes received from the previous stage")
+        self.in_flight = gauge("bimdist_messages_in_flight", "Messages queued or being sent downstream")
+        self.lr = gauge("bimdist_learning_rate", "Current learning rate")
+        self.last_step = gauge("bimdist_last_step_timestamp_seconds", "Unix time the last step finished")
+        self.step = gauge("bimdist_step", "Index of the next step to run")
+        self.target = gauge("bimdist_steps_target", "Steps this run is configured for (run.steps)")
+        self.nonfinite = counter("bimdist_nonfinite_losses", "Losses that were NaN or infinite")
+        self.skipped = counter("bimdist_skipped_updates", "Optimizer updates dropped for non-finite gradients")
+        self.corrupt = counter("bimdist_corrupt_samples", "Training samples skipped as corrupt or undecodable")
+        self.peak_memory = gauge("bimdist_peak_memory_bytes", "Peak memory: CUDA allocated, or process RSS on CPU")
+        info = Gauge("bimdist_build_info", "Version and config fingerprint of the running bimdist", [*LABELS,
+                     "version", "fingerprint"], registry=r)
+        info.labels(**self.labels, version=__version__, fingerprint=cfg.fingerprint()).set(1)
+        self.target.set(cfg.run.steps)
+        self._sent = self._received = self._corrupt = 0
+        self.port = 0
+        if cfg.metrics.port:
+            self.port = cfg.metrics.port + local_rank
+            try:
+                self._server, _ = start_http_server(self.port, addr=cfg.metrics.bind, registry=r)
+            except OSError as e:
+                raise ConfigError(
+                    f"metrics port {self.port} (metrics.port {cfg.metrics.port} + LOCAL_RANK {local_rank}) on "
+                    f"{cfg.metrics.bind} is unavailable: {e.strerror or e}; pick another --metrics.port "
+                    "(or 0 to disable)"
+                ) from None
+            log.info("serving metrics on http://%s:%d/metrics", cfg.metrics.bind, self.port)
+
+    # ---- Observer -----------------------------------------------------------------------------------------
+    def on_start(self, start_step: int) -> None:
+        self.step.set(start_step)
+        self.last_step.set(time.time())  # "last progress": a slow start is not a stall
+        self.peak_memory.set(peak_memory_bytes(self.device))
+
+    def on_step(self, rec: StepRecord) -> None:
+        self.steps.inc()
+        self.samples.inc(rec.samples)
+        finite = [x for x in rec.losses if math.isfinite(x)]
+        self.nonfinite.inc(len(rec.losses) - len(finite))
+        if finite:
+            self.loss.set(sum(finite) / len(finite))
+        self.step_duration.observe(rec.step_s)
+        self.compute.inc(rec.compute_s)
+        self.recv_wait.inc(rec.recv_wait_s)
+        self.send_wait.inc(rec.send_wait_s)
+        self.sent.inc(max(0, rec.bytes_sent - self._sent))
+        self.received.inc(max(0, rec.bytes_received - self._received))
+        self.corrupt.inc(max(0, rec.corrupt - self._corrupt))
+        self._sent, self._received, self._corrupt = rec.bytes_sent, rec.bytes_received, rec.corrupt
+        self.in_flight.set(rec.in_flight)
+        self.lr.set(rec.lr)
+        self.skipped.inc(rec.skipped)
+        self.step.set(rec.step + 1)
+        self.last_step.set(time.time())
+        if rec.step % 10 == 0:
+            self.peak_memory.set(peak_memory_bytes(self.device))
+
+    def on_end(self, result: object) -> None:
+        self.peak_memory.set(peak_memory_bytes(self.device))
+        code = getattr(result, "exit_code", 1)
+        self.push_outcome(code, steps=getattr(result, "steps_done", 0), losses=getattr(result, "last_losses", []))
+
+    # ---- batch jobs ---------------------------------------------------------------------------------------
+    def push_outcome(self, exit_code: int, *, steps: int, losses: list[float]) -> None:
+        """Push the run's outcome to the Pushgateway (metrics.pushgateway), grouped by job, stage and replica."""
+        gateway = self.cfg.metrics.pushgateway
+        if not gateway:
+            return
+        reg = CollectorRegistry()
+        Gauge("bimdist_last_exit_code", "Exit code of the stage's last run", registry=reg).set(exit_code)
+        Gauge("bimdist_last_steps", "Steps completed when the run ended", registry=reg).set(steps)
+        if exit_code == 0:
+            Gauge("bimdist_last_success_timestamp_seconds", "Unix time of the last successful end",
+                  registry=reg).set(time.time())
+        final = Gauge("bimdist_last_loss", "Final local loss per block", ["block"], registry=reg)
+        for i, loss in enumerate(losses):
+            final.labels(block=str(i)).set(loss)
+        try:
+            push_to_gateway(gateway, job=self.cfg.metrics.job, registry=reg, timeout=10,
+                            grouping_key={"stage": self.labels["stage"], "replica": self.labels["replica"]})
+            log.info("pushed the outcome (exit %d, %d steps) to the Pushgateway at %s", exit_code, steps, gateway)
+        except Exception as e:  # noqa: BLE001 - a monitoring outage must not fail the job
+            log.warning("could not push to the Pushgateway at %s: %s", gateway, e)
+
+    def close(self) -> None:
+        server = getattr(self, "_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+class FileSDTarget:
+    """Local rank 0 of each node advertises the node's metrics ports to Prometheus file_sd, atomically."""
+
+    def __init__(self, folder: Path, *, job: str, bind: str, ports: list[int]):
+        host = socket.getfqdn() if bind in ("0.0.0.0", "::", "") else bind
+        tag = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or str(os.getpid())
+        self.path = Path(folder) / f"{job}-{socket.gethostname()}-{tag}.json"
+        body = [{"targets": [f"{host}:{p}" for p in ports], "labels": {"job": job, "node": socket.gethostname()}}]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(body, indent=1))
+        os.replace(tmp, self.path)
+        log.info("advertised %d metrics targets in %s", len(ports), self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
