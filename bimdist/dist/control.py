@@ -9,21 +9,16 @@ a short timeout: the board must never be the reason a rank hangs.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 import torch.distributed as dist
 
 log = logging.getLogger("bimdist.control")
 
-PREFIX = "bimdist/"
-
 
 class ControlBoard:
-    def __init__(self, host: str, port: int, *, generation: int = 0, timeout_s: float = 10.0):
-        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s),
-                              wait_for_workers=False)
-        # torchrun keeps its store across restarts: a new generation must not see the last one's keys.
-        self.store = dist.PrefixStore(f"{PREFIX}{generation}/", store)
+    def __init__(self, store: dist.Store):
+        """``store`` is the job's store, already namespaced per restart generation (see dist.groups.job_store)."""
+        self.store = dist.PrefixStore("control/", store)
 
     def report_failure(self, who: str, message: str) -> None:
         try:

@@ -24,6 +24,7 @@ class StageComm:
     dp_group: Any  # None when the stage has a single replica
     prev: tuple[int, Any, str] | None  # (rank, link group, "stage k (rank r)")
     next: tuple[int, Any, str] | None
+    store: Any = None  # the job's key-value store (control board, failure reports)
 
     @property
     def distributed(self) -> bool:
@@ -36,16 +37,13 @@ def peer_name(topo: Topology, rank: int) -> str:
 
 
 def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.device, startup_timeout_s: float,
-              peer_timeout_s: float) -> StageComm:
+              peer_timeout_s: float, generation: int = 0) -> StageComm:
     """Join the world and build every group in the same order on every rank (new_group is collective)."""
     check_world(env.world_size, topo.stages, topo.replicas)
-    # env:// lets torchrun workers join the agent's store; srun tasks get the same variables from RankEnv.
-    os.environ.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     try:
-        dist.init_process_group(
-            backend=backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-            timeout=timedelta(seconds=startup_timeout_s),
-        )
+        store = job_store(env, timeout_s=startup_timeout_s, generation=generation)
+        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=startup_timeout_s))
     except dist.DistError as e:
         raise PeerError(f"could not join the job at {env.master_addr}:{env.master_port} as rank {env.rank} of "
                         f"{env.world_size} within {startup_timeout_s:.0f} s ({str(e).splitlines()[0][:200]}); "
@@ -65,7 +63,21 @@ def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.devic
         if env.rank == a:
             nxt = (b, g, peer_name(topo, b))
     return StageComm(topo=topo, rank=env.rank, coord=topo.coord(env.rank), device=device, dp_group=dp_group,
-                     prev=prev, next=nxt)
+                     prev=prev, next=nxt, store=store)
+
+
+def job_store(env: RankEnv, *, timeout_s: float, generation: int) -> dist.Store:
+    """The job's TCPStore, namespaced by restart generation.
+
+    torchrun keeps one store across restarts: without the prefix, a restarted rank can read the dead
+    generation's gloo addresses and wait on a peer that no longer exists. Under torchrun every rank is a
+    client of the agent's store; otherwise rank 0 hosts it at MASTER_ADDR:MASTER_PORT.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(env.master_addr, env.master_port, world_size=None if agent else env.world_size,
+                          is_master=env.rank == 0 and not agent, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False)
+    return dist.PrefixStore(f"bimdist/gen{generation}/", store)
 
 
 def all_min(value: int, group: Any = None, *, device: torch.device) -> int:

@@ -83,7 +83,10 @@ def _wait(procs: list[subprocess.Popen], topo: Topology, *, grace_s: float) -> i
         time.sleep(0.2)
     codes = [p.returncode for p in procs]
     if first_failure is not None:
-        rank, code = first_failure
+        # A rank that only lost its neighbour exits EXIT_PEER; prefer the rank with the cause (a crash, a
+        # full disk, a kill) when both are seen.
+        causes = [(r, c) for r, c in enumerate(codes) if c not in (EXIT_OK, EXIT_PREEMPTED, EXIT_PEER)]
+        rank, code = first_failure if first_failure[1] != EXIT_PEER or not causes else causes[0]
         log.error("job failed: %s (exit codes by rank: %s)", _describe(topo, rank, code), codes)
         return code if code > 0 else EXIT_PEER
     if any(c == EXIT_PREEMPTED for c in codes):

@@ -154,8 +154,9 @@ class RankJob:
         if self.distributed:
             p = cfg.pipeline
             comm = init_comm(env, topo, backend=pick_backend(p.backend, device), device=device,
-                             startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s)
-            self.board = ControlBoard(env.master_addr, env.master_port, generation=restart_count())
+                             startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s,
+                             generation=restart_count())
+            self.board = ControlBoard(comm.store)
         stop = StopFlag()
         stop.install(cfg.run.preempt_signals)
         timeline = Timeline(run_dir / "trace" / f"stage{coord.stage}_r{coord.replica}.jsonl" if cfg.metrics.trace

@@ -75,7 +75,8 @@ def test_wrong_world_size_fails_before_training(tmp_path):
         capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if "the launcher started 3 processes" in line]
-    assert len(lines) == 3, proc.stderr[-2000:]
+    assert lines, proc.stderr[-2000:]  # torchrun may stop the other ranks before they print theirs
+    assert all("ERROR" in line and "TopologyError" in line for line in lines)
     assert "pipeline.stages x pipeline.replicas = 2 x 1 = 2" in lines[0]
     assert "progress" not in proc.stderr and not (tmp_path / "checkpoints").exists()
 
