@@ -30,7 +30,6 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", nargs="?", help="YAML file or preset name")
     t.add_argument("--fresh", action="store_true", help="ignore checkpoints in run.dir (they are moved aside)")
-    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     e = sub.add_parser("export", help="write the first K blocks as a timm ViT (safetensors + kwargs JSON)")
     e.add_argument("run_dir", type=Path)
     e.add_argument("--depth", type=int, required=True, help="number of blocks K to keep")
@@ -63,8 +62,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def pop_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
+    """Remove the ``--local_rank`` the deepspeed launcher inserts (anywhere, ``=N`` or ``N``); return it."""
+    out, local_rank, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in ("--local_rank", "--local-rank"):
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            local_rank = int(value) if value.isdigit() else None
+        else:
+            out.append(arg)
+        i += 1
+    return out, local_rank
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, local_rank = pop_local_rank(list(sys.argv[1:] if argv is None else argv))
     args, rest = _parser().parse_known_args(argv)
     from bimdist.telemetry.progress import setup_logging
 
@@ -78,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, rest)
             from bimdist.train.run import train
 
-            return train(cfg, argv, fresh=args.fresh, local_rank_arg=args.local_rank)
+            return train(cfg, argv, fresh=args.fresh, local_rank_arg=local_rank)
         if args.verb == "export":
             from bimdist.export import export
 

@@ -30,4 +30,11 @@ if ! python -c "import bimdist, timm, webdataset, deepspeed, pytest" 2>/dev/null
   echo "setup: installing bimdist and its dependencies"
   DS_BUILD_OPS=0 pip install -q -e '.[test]' 2>&1 | grep -vE "is ignored|^\s*!!|WheelFile|with strategy" || true
 fi
+# DeepSpeed JIT-compiles its CPU communication op on first use (20-60 s); build it once into the cache.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+if [ ! -d "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm" ] && python -c "import torch,sys; sys.exit(torch.cuda.is_available())"; then
+  echo "setup: pre-building DeepSpeed's shm_comm op into $TORCH_EXTENSIONS_DIR"
+  python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+    >/dev/null 2>&1 || echo "setup: could not pre-build shm_comm (DeepSpeed will build it on first use)"
+fi
 python -c "import bimdist, torch; print(f'setup: bimdist {bimdist.__version__}, torch {torch.__version__}, ready')"

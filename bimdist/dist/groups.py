@@ -25,6 +25,7 @@ class StageComm:
     prev: tuple[int, Any, str] | None  # (rank, link group, "stage k (rank r)")
     next: tuple[int, Any, str] | None
     store: Any = None  # the job's key-value store (control board, failure reports)
+    mp_group: Any = None  # a group of just this rank (DeepSpeed's "model parallel" group), when asked for
 
     @property
     def distributed(self) -> bool:
@@ -37,7 +38,9 @@ def peer_name(topo: Topology, rank: int) -> str:
 
 
 def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.device, startup_timeout_s: float,
-              peer_timeout_s: float, generation: int = 0) -> StageComm:
+              peer_timeout_s: float, generation: int = 0, engine_groups: bool = False) -> StageComm:
+    """``engine_groups``: also build a replica group for every stage even with one replica, and a one-rank
+    group per rank (DeepSpeed asks for both through its ``mpu``)."""
     """Join the world and build every group in the same order on every rank (new_group is collective)."""
     check_world(env.world_size, topo.stages, topo.replicas)
     try:
@@ -49,12 +52,17 @@ def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.devic
                         f"{env.world_size} within {startup_timeout_s:.0f} s ({str(e).splitlines()[0][:200]}); "
                         "check MASTER_ADDR/MASTER_PORT and that every rank was started") from None
     peer = timedelta(seconds=peer_timeout_s)
-    dp_group = None
-    if topo.replicas > 1:
+    dp_group = mp_group = None
+    if topo.replicas > 1 or engine_groups:
         for s in range(topo.stages):
             g = dist.new_group(topo.stage_group(s), timeout=peer, backend=backend)
             if env.rank in topo.stage_group(s):
                 dp_group = g
+    if engine_groups:
+        for r in range(topo.world_size):
+            g = dist.new_group([r], timeout=peer, backend=backend)
+            if r == env.rank:
+                mp_group = g
     prev = nxt = None
     for a, b in topo.links():
         g = dist.new_group([a, b], timeout=peer, backend=backend)
@@ -63,7 +71,7 @@ def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.devic
         if env.rank == a:
             nxt = (b, g, peer_name(topo, b))
     return StageComm(topo=topo, rank=env.rank, coord=topo.coord(env.rank), device=device, dp_group=dp_group,
-                     prev=prev, next=nxt, store=store)
+                     prev=prev, next=nxt, store=store, mp_group=mp_group)
 
 
 def job_store(env: RankEnv, *, timeout_s: float, generation: int) -> dist.Store:

@@ -78,6 +78,10 @@ class Metrics:
         self.skipped = counter("bimdist_skipped_updates", "Optimizer updates dropped for non-finite gradients")
         self.corrupt = counter("bimdist_corrupt_samples", "Training samples skipped as corrupt or undecodable")
         self.peak_memory = gauge("bimdist_peak_memory_bytes", "Peak memory: CUDA allocated, or process RSS on CPU")
+        self.step_flop = gauge("bimdist_step_flop_count", "Floating-point operations of one step of this stage")
+        self.flop_rate = gauge("bimdist_flop_per_second", "Achieved FLOP/s while computing (excludes waits)")
+        self.mfu = gauge("bimdist_mfu_ratio", "Model FLOP utilisation: achieved / device peak") if (
+            device.type == "cuda" or cfg.metrics.peak_tflops) else None
         info = Gauge("bimdist_build_info", "Version and config fingerprint of the running bimdist", [*LABELS,
                      "version", "fingerprint"], registry=r)
         info.labels(**self.labels, version=__version__, fingerprint=cfg.fingerprint()).set(1)
@@ -120,6 +124,11 @@ class Metrics:
         self.in_flight.set(rec.in_flight)
         self.lr.set(rec.lr)
         self.skipped.inc(rec.skipped)
+        if rec.flop and rec.compute_s > 0:
+            self.step_flop.set(rec.flop)
+            self.flop_rate.set(rec.flop / rec.compute_s)
+            if self.mfu is not None and rec.peak_flop_per_s:
+                self.mfu.set(rec.flop / rec.compute_s / rec.peak_flop_per_s)
         self.step.set(rec.step + 1)
         self.last_step.set(time.time())
         if rec.step % 10 == 0:

@@ -44,6 +44,8 @@ class StepRecord:
     bytes_received: int = 0  # cumulative
     in_flight: int = 0  # messages queued or being sent downstream
     corrupt: int = 0  # cumulative skipped training samples (stage 0)
+    flop: float = 0.0  # floating-point operations of one step of this stage (counted once, on the first step)
+    peak_flop_per_s: float | None = None  # the device's peak, when known (for MFU)
 
 
 class Progress:
@@ -66,12 +68,15 @@ class Progress:
         w, self._window = self._window, []
         elapsed = sum(r.step_s for r in w) or 1e-9
         losses = " ".join(f"loss_b{b}={sum(r.losses[i] for r in w) / len(w):.4f}" for i, b in enumerate(rec.blocks))
+        compute = sum(r.compute_s for r in w) / len(w)
+        flops = rec.flop / compute if compute > 0 else 0.0
+        mfu = f" mfu={flops / rec.peak_flop_per_s:.3f}" if rec.peak_flop_per_s else ""
         log.info(
             "progress stage=%d replica=%d step=%d/%d %s samples_per_s=%.1f recv_wait_s=%.3f send_wait_s=%.3f "
-            "compute_s=%.3f lr=%.3e skipped=%d",
+            "compute_s=%.3f gflop_per_s=%.1f%s lr=%.3e skipped=%d",
             self.stage, self.replica, rec.step + 1, self.steps, losses, sum(r.samples for r in w) / elapsed,
             sum(r.recv_wait_s for r in w) / len(w), sum(r.send_wait_s for r in w) / len(w),
-            sum(r.compute_s for r in w) / len(w), rec.lr, sum(r.skipped for r in w),
+            compute, flops / 1e9, mfu, rec.lr, sum(r.skipped for r in w),
         )
 
     def close(self) -> None:

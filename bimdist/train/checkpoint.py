@@ -140,6 +140,8 @@ class CheckpointStore:
         complete = [s for s in self.steps_on_disk() if self.is_complete(s)]
         for old in complete[self.keep :]:
             shutil.rmtree(self.step_dir(old), ignore_errors=True)
+            for engine_dir in self.root.glob(f"deepspeed/block_*/step_{old:08d}"):  # engine-side state
+                shutil.rmtree(engine_dir, ignore_errors=True)
 
     # ---- reading ------------------------------------------------------------------------------------------
     def verify(self, step: int) -> str | None:

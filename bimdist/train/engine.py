@@ -31,6 +31,9 @@ class Engine(Protocol):
 
     def backward_step(self, loss: torch.Tensor, step: int) -> StepStats: ...
 
+    def save(self, step: int) -> None:
+        """Called on every replica before replica 0 writes the block files (engines with sharded state)."""
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -70,6 +73,9 @@ class TorchEngine:
         else:
             self.optimizer.step()
         return StepStats(lr=self.optimizer.param_groups[0]["lr"], grad_norm=norm, skipped=skipped)
+
+    def save(self, step: int) -> None:
+        pass  # replicas hold identical optimizer states: replica 0's block file carries it
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -8,6 +8,7 @@ checkpoint at the same step. A stage never waits on anything downstream except s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from bimdist.config import Config, visible_counts
+from bimdist.config import Config, ConfigError, visible_counts
 from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataError, DataStats, Position
 from bimdist.dist.control import ControlBoard
@@ -66,6 +68,19 @@ class Observer:
     def on_end(self, result: StageResult) -> None: ...
 
 
+# Dense bf16 peak TFLOP/s by CUDA device name (substring match); metrics.peak_tflops overrides.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+def peak_flop_per_s(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((t * 1e12 for key, t in PEAK_TFLOPS.items() if key in name), None)
+
+
 def prefetch(it: Iterator[Batch], depth: int = 2, timeout_s: float = 600.0) -> Iterator[Batch]:
     """Build batches on a background thread so decoding overlaps compute; the order is unchanged."""
     q: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -108,8 +123,7 @@ class StageLoop:
         self.first, self.last = self.stage == 0, self.stage == self.stages - 1
         all_units = unit_indices(cfg)
         self.blocks = blocks_of_stage(len(all_units), self.stages, self.stage) if cfg.method == "bim" else all_units
-        dp_group = comm.dp_group if comm else None
-        make = engine_factory or (lambda unit: TorchEngine(unit, cfg, dp_group=dp_group))
+        make = engine_factory or self._engine_factory()
         self.worker = StageWorker(cfg, self.blocks, device=device, engine_factory=make)
         self.store = CheckpointStore(run_dir / "checkpoints", fingerprint=cfg.fingerprint(), blocks=all_units,
                                      replicas=p.replicas, keep=cfg.checkpoint.keep)
@@ -126,7 +140,25 @@ class StageLoop:
         self.ids_dtype = torch.int16 if cfg.model.num_patches < 2**15 else torch.int32
         self.fresh = fresh
         self.saved_step = -1
+        self.final_step = -1
+        self.step_flop: float | None = None
+        self.peak_flop_per_s = peak_flop_per_s(device, cfg.metrics.peak_tflops)
         self.timeline = timeline or Timeline(None, stage=self.stage, replica=self.replica)
+
+    def _engine_factory(self) -> Callable[[Any], Any]:
+        cfg, comm = self.cfg, self.comm
+        if cfg.pipeline.engine == "torch":
+            dp_group = comm.dp_group if comm else None
+            return lambda unit: TorchEngine(unit, cfg, dp_group=dp_group)
+        from bimdist.train.ds_engine import DeepSpeedEngine, build_ds_config
+
+        if comm is None or comm.mp_group is None:
+            raise ConfigError("pipeline.engine=deepspeed needs torch.distributed: launch with torchrun, deepspeed "
+                              "or bimdist's own spawner (pipeline.stages x replicas > 1)")
+        ds_config = build_ds_config(cfg)
+        return lambda unit: DeepSpeedEngine(unit, cfg, index=unit.index, ds_config=ds_config,
+                                            dp_group=comm.dp_group, mp_group=comm.mp_group,
+                                            checkpoint_root=self.run_dir / "checkpoints")
 
     # ---- resume -------------------------------------------------------------------------------------------
     def _resume(self) -> tuple[int, Position]:
@@ -156,6 +188,7 @@ class StageLoop:
         if step == self.saved_step:
             return
         self.timeline.switch("checkpoint")
+        self.worker.save_engines(step)
         if self.replica == 0:
             rng = torch.get_rng_state()
             for block, state in zip(self.blocks, self.worker.state_dicts()):
@@ -240,8 +273,13 @@ class StageLoop:
                 data_wait = time.perf_counter() - t_wait if self.first else 0.0
                 emit = self._emit(step, ids, images) if not self.last else None
                 t0 = time.perf_counter()
-                result = self.worker.train_step(step=step, images=images, ids_shuffle=ids, tokens=tokens, emit=emit,
-                                                phase=self.timeline.switch)
+                with FlopCounterMode(display=False) if self.step_flop is None else contextlib.nullcontext() as fc:
+                    result = self.worker.train_step(step=step, images=images, ids_shuffle=ids, tokens=tokens,
+                                                    emit=emit, phase=self.timeline.switch)
+                if fc is not None:  # counted once: every step of a stage has the same shapes
+                    self.step_flop = float(fc.get_total_flops())
+                    log.info("stage %d: %.3f GFLOP per step (forward + backward, torch flop counter)", self.stage,
+                             self.step_flop / 1e9)
                 now = time.perf_counter()
                 losses = result.losses
                 rec = StepRecord(
@@ -253,6 +291,7 @@ class StageLoop:
                     bytes_sent=self.transport.bytes_sent if self.transport else 0,
                     bytes_received=self.transport.bytes_received if self.transport else 0,
                     in_flight=self.transport.in_flight if self.transport else 0,
+                    flop=self.step_flop or 0.0, peak_flop_per_s=self.peak_flop_per_s,
                 )
                 last_end = now
                 progress.update(rec)
@@ -270,16 +309,18 @@ class StageLoop:
                                   self.stop.signal_name, step)
                         reason = END_PREEMPT
                         break
-            # Drain: checkpoint where the stream ended, then pass the END on so the next stage does the same.
+            # Drain: pass the END on first (an engine's checkpoint may be a job-wide barrier that the next
+            # stage can only join once it has the END), then checkpoint at the step where the stream ended.
+            if self.transport is not None and not self.last:
+                self.transport.send(Message(END, step, reason=reason))
             self.checkpoint(step, position if self.first else None)
             if self.transport is not None:
-                if not self.last:
-                    self.transport.send(Message(END, step, reason=reason))
                 self.transport.close()
         finally:
             progress.close()
             self.timeline.close()
         log.info("stage %d replica %d finished at step %d (%s)", self.stage, self.replica, step, END_NAMES[reason])
+        self.final_step = step
         code = EXIT_PREEMPTED if reason == END_PREEMPT else EXIT_OK
         result = StageResult(exit_code=code, steps_done=step, reason=END_NAMES[reason], last_losses=losses)
         for o in self.observers:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -56,14 +57,22 @@ def prepare_run_dir(cfg: Config, *, write: bool) -> Path:
     return run_dir
 
 
-def finalize(cfg: Config, run_dir: Path) -> None:
-    """After the last stage has checkpointed the final step: pictures of the result."""
+def finalize(cfg: Config, run_dir: Path, step: int) -> None:
+    """Pictures of the result, once every stage has checkpointed the final step (bounded wait)."""
     from bimdist.runs import load_units
     from bimdist.visualize import write_recon_png
 
+    store = store_for(cfg, run_dir)
+    deadline = time.monotonic() + cfg.pipeline.peer_timeout_s
+    while not store.is_complete(step):
+        if time.monotonic() > deadline:
+            log.warning("step %d is not complete on disk after %.0f s; skipping the pictures", step,
+                        cfg.pipeline.peer_timeout_s)
+            return
+        time.sleep(0.2)
     plot_losses(run_dir)
     if cfg.run.recon_png:
-        units, _ = load_units(cfg, run_dir)
+        units, _ = load_units(cfg, run_dir, step=step)
         write_recon_png(cfg, units, run_dir / "recon.png")
 
 
@@ -79,6 +88,14 @@ def train(cfg: Config, argv: list[str], *, fresh: bool = False, local_rank_arg: 
           observers: list[Observer] | None = None) -> int:
     topo = Topology(cfg.pipeline.stages, cfg.pipeline.replicas)
     env = detect(local_rank_arg=local_rank_arg)
+    if cfg.pipeline.engine == "deepspeed":
+        from bimdist.train.ds_engine import build_ds_config
+
+        try:
+            build_ds_config(cfg)  # unknown or conflicting keys fail here, before any process or model
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return EXIT_CONFIG
     if env is None and topo.world_size > 1:
         setup_logging("launcher")
         prepare_run_dir(cfg, write=True)
@@ -155,7 +172,7 @@ class RankJob:
             p = cfg.pipeline
             comm = init_comm(env, topo, backend=pick_backend(p.backend, device), device=device,
                              startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s,
-                             generation=restart_count())
+                             generation=restart_count(), engine_groups=p.engine == "deepspeed")
             self.board = ControlBoard(comm.store)
         stop = StopFlag()
         stop.install(cfg.run.preempt_signals)
@@ -165,7 +182,7 @@ class RankJob:
                               observers=observers, timeline=timeline)
         result: StageResult = self.loop.run()
         if self.loop.last and self.loop.replica == 0 and result.exit_code == EXIT_OK:
-            finalize(cfg, run_dir)
+            finalize(cfg, run_dir, self.loop.final_step)
         if self.distributed:
             dist.destroy_process_group()
         self._cleanup()

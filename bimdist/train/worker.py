@@ -81,6 +81,10 @@ class StageWorker:
             del out  # frees this unit's graph before the next unit runs
         return StepResult(losses=losses, stats=stats)
 
+    def save_engines(self, step: int) -> None:
+        for engine in self.engines:
+            engine.save(step)
+
     def state_dicts(self) -> list[dict]:
         return [{"model": u.state_dict(), "engine": e.state_dict()} for u, e in zip(self.units, self.engines)]
 

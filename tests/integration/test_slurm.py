@@ -43,8 +43,9 @@ def test_requeue_resumes_and_completes_without_lost_steps(cluster, reference, tm
     job = cluster.sbatch(ROOT / "launch" / "slurm" / "bimdist.sbatch", *COMMON, f"--run.dir={run_dir}",
                          "--checkpoint.every=200", options=[f"--output={out}"], env=dict(ENV, NPROC_PER_NODE="2"),
                          cwd=ROOT)
-    assert wait_for(lambda: out.exists() and re.search(r"progress stage=1 replica=0 step=(4|5|6|7)00/", out.read_text()),
-                    240), (out.read_text() if out.exists() else "") + cluster.logs()
+    midway = re.compile(r"progress stage=1 replica=0 step=(4|5|6|7)00/")
+    assert wait_for(lambda: out.exists() and midway.search(out.read_text()), 240), (
+        (out.read_text() if out.exists() else "") + cluster.logs())
     cluster.run("scontrol", "requeue", str(job))
     cluster.wait_state(job, {"PENDING"}, 120)
     text = out.read_text()

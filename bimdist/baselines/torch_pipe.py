@@ -1,0 +1,75 @@
+"""End-to-end MAE pipelined with ``torch.distributed.pipelining`` (GPipe or 1F1B), on 2 ranks.
+
+    torchrun --standalone --nproc_per_node=2 -m bimdist.baselines.torch_pipe CONFIG --schedule 1f1b --microbatches 4
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from bimdist.baselines.common import Timer, batches, default_split, parse, report, set_threads
+from bimdist.baselines.mae_layers import Chain, mae_labels, mae_layers, mae_loss
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def main(argv: list[str] | None = None) -> int:
+    schedule_name = "1f1b"
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--schedule" in argv:
+        i = argv.index("--schedule")
+        schedule_name = argv[i + 1].lower()
+        argv = argv[:i] + argv[i + 2 :]
+    if schedule_name not in SCHEDULES:
+        print(f"--schedule must be one of {sorted(SCHEDULES)}", file=sys.stderr)
+        return 2
+    args, cfg = parse(__doc__.splitlines()[1], argv)
+    set_threads()
+    dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != 2:
+        print("torch_pipe runs on exactly 2 ranks", file=sys.stderr)
+        return 2
+    args.split = args.split or default_split(cfg.model.depth)
+    layers = mae_layers(cfg)
+    visible = layers[0].visible
+    module = Chain(layers[: args.split] if rank == 0 else layers[args.split :])
+    stage = PipelineStage(module, stage_index=rank, num_stages=2, device=torch.device("cpu"))
+    schedule = SCHEDULES[schedule_name](stage, n_microbatches=args.microbatches, loss_fn=mae_loss)
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(module, cfg.optim.weight_decay), lr=cfg.lr,
+                                  betas=cfg.optim.betas)
+    stream = batches(cfg)
+    timer, losses = Timer(), []
+    for _ in range(args.warmup + args.steps):
+        batch = next(stream)  # both ranks draw the same deterministic batch; rank 1 only needs its labels
+        dist.barrier()
+        timer.start()
+        optimizer.zero_grad(set_to_none=True)
+        if rank == 0:
+            schedule.step(batch.images, batch.ids_shuffle)
+        else:
+            micro_losses: list[torch.Tensor] = []
+            schedule.step(target=mae_labels(cfg, batch, visible), losses=micro_losses)
+            losses.append(float(torch.stack(micro_losses).detach().mean()))
+        optimizer.step()
+        timer.stop()
+    times = torch.tensor(timer.times[args.warmup :])
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step ends when both stages have finished it
+    loss_t = torch.tensor(losses or [0.0] * (args.warmup + args.steps))
+    dist.broadcast(loss_t, src=1)
+    if rank == 0:
+        report(args, cfg, name=f"torch.distributed.pipelining {schedule_name} (MAE)", times=times.tolist(),
+               losses=loss_t.tolist(), extra={"schedule": schedule_name, "layers": len(layers)})
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
