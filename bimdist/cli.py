@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", type=Path)
     e.add_argument("--depth", type=int, required=True, help="number of blocks K to keep")
     e.add_argument("--out", type=Path, required=True, help="PATH.safetensors (kwargs go to PATH.json)")
-    v = sub.add_parser("eval", help="linear probe and kNN at every depth, with a raw-pixel baseline")
+    v = sub.add_parser("eval", help="linear probe and kNN at every depth, with a raw-pixel baseline "
+                       "(--eval.key=value overrides the eval section)")
     v.add_argument("run_dir", type=Path)
     v.add_argument("--train-samples", type=int, default=None)
     v.add_argument("--test-samples", type=int, default=None)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verb != "train":
         setup_logging()
-        if rest:
+        if rest and args.verb != "eval":
             print(f"bimdist {args.verb}: unexpected arguments {rest}", file=sys.stderr)
             return EXIT_CONFIG
     try:
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "eval":
             from bimdist.evaluate import evaluate_run
 
-            evaluate_run(args.run_dir, train_samples=args.train_samples, test_samples=args.test_samples)
+            evaluate_run(args.run_dir, train_samples=args.train_samples, test_samples=args.test_samples,
+                         overrides=rest)
         elif args.verb == "recon":
             from bimdist.runs import load_units, run_config
             from bimdist.visualize import write_recon_png

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
-from bimdist.config import Config
+from bimdist.config import Config, ConfigError, EvalConfig, format_validation_error, parse_overrides
 from bimdist.data.batches import eval_images
 from bimdist.data.stream import DataStats
 from bimdist.data.synthetic import synthetic_image
@@ -117,8 +118,19 @@ def table(rows: list[Row], *, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir: Path, *, train_samples: int | None = None, test_samples: int | None = None) -> list[Row]:
+def evaluate_run(run_dir: Path, *, train_samples: int | None = None, test_samples: int | None = None,
+                 overrides: list[str] | None = None) -> list[Row]:
+    """``overrides`` (``--eval.pool=cls`` ...) change the eval section only; the model comes from the run."""
     cfg = run_config(run_dir)
+    if overrides:
+        bad = [o for o in overrides if not o.startswith("--eval.")]
+        if bad:
+            raise ConfigError(f"bimdist eval only takes --eval.* overrides, got {bad}")
+        try:
+            section = EvalConfig.model_validate({**cfg.eval.model_dump(), **parse_overrides(overrides)["eval"]})
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e)) from None
+        cfg = cfg.model_copy(update={"eval": section})
     units, step = load_units(cfg, run_dir)
     rows = evaluate(cfg, Backbone(cfg, units).eval(), train_samples=train_samples, test_samples=test_samples)
     md = table(rows, title=f"{cfg.method} run {run_dir} at step {step}")

@@ -42,9 +42,42 @@ def fmnist_mini_args() -> list[str]:
             f"--data.test_shards={FMNIST_MINI}/test-{{000000..000001}}.tar"]
 
 
+def same_weights(a: Path, b: Path, step: int, blocks: int = 4) -> bool:
+    """Bit-identical weights of every block of two runs at ``step``."""
+    for block in range(blocks):
+        x, y = load_block(a, step, block), load_block(b, step, block)
+        if not all(torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+SEQ_STEPS = 8
+
+
+@pytest.fixture(scope="session")
+def sequential(tmp_path_factory) -> Path:
+    """The reference run: tiny config, SEQ_STEPS steps, one process with one thread (float reductions depend on
+    the thread count, so every exact comparison runs its side with one thread per process too)."""
+    run_dir = tmp_path_factory.mktemp("seq") / "run"
+    proc = cli("train", str(TINY), f"--run.dir={run_dir}", f"--run.steps={SEQ_STEPS}", "--pipeline.threads=1")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 2 MiB tmpfs: a real full disk."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
 
 
 def start_cli(*args: str, log_path: Path, env: dict | None = None) -> subprocess.Popen:

@@ -24,6 +24,7 @@ from bimdist.runs import store_for
 from bimdist.telemetry.losslog import LossCSV, plot_losses
 from bimdist.telemetry.metrics import FileSDTarget, Metrics
 from bimdist.telemetry.progress import setup_logging
+from bimdist.telemetry.summary import RankSummary
 from bimdist.telemetry.trace import Timeline
 from bimdist.train.checkpoint import CheckpointError, IncompatibleCheckpoint
 from bimdist.train.loop import Observer, StageLoop, StageResult
@@ -158,9 +159,10 @@ class RankJob:
                 moved = store_for(cfg, run_dir).set_aside()
                 if moved:
                     log.warning("--fresh: previous checkpoints moved to %s", moved)
+        summary = RankSummary(run_dir, stage=coord.stage, replica=coord.replica, device=device)
         self.metrics = Metrics(cfg, stage=coord.stage, replica=coord.replica, local_rank=env.local_rank,
                                device=device)
-        observers = [*observers, self.metrics]
+        observers = [*observers, self.metrics, summary]
         if coord.replica == 0:
             observers.append(LossCSV(run_dir, stage=coord.stage, replica=coord.replica))
         if cfg.metrics.file_sd_dir and cfg.metrics.port and env.local_rank == 0:

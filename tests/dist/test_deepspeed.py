@@ -16,9 +16,9 @@ from bimdist.config import load_config
 from bimdist.dist.launch import free_port
 from bimdist.model.unit import build_unit
 from bimdist.telemetry.losslog import read_losses
-from tests.conftest import ROOT, TINY, cli, load_block
+from tests.conftest import ROOT, SEQ_STEPS, TINY, cli, load_block, same_weights
 
-STEPS = 8
+STEPS = SEQ_STEPS
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
 ENV.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 ZERO1 = '--pipeline.deepspeed_config={"zero_optimization": {"stage": 1}}'
@@ -26,19 +26,6 @@ ZERO1 = '--pipeline.deepspeed_config={"zero_optimization": {"stage": 1}}'
 
 def run(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
-
-
-@pytest.fixture(scope="module")
-def sequential(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("seq") / "run"
-    proc = cli("train", str(TINY), f"--run.dir={run_dir}", f"--run.steps={STEPS}", "--pipeline.threads=1")
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
-
-
-def same_weights(a, b, step=STEPS):
-    return all(torch.equal(x[k], y[k]) for blk in range(4)
-               for x, y in [(load_block(a, step, blk), load_block(b, step, blk))] for k in x)
 
 
 @pytest.mark.parametrize("how", ["num_gpus", "hostfile"])
@@ -55,7 +42,7 @@ def test_deepspeed_launcher_runs_a_two_stage_job(sequential, tmp_path, how):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("finished at step 8 (step limit)") == 2
     assert "--local_rank=1" in proc.stdout + proc.stderr  # the launcher appended it and bimdist accepted it
-    assert same_weights(sequential, tmp_path / "run")
+    assert same_weights(sequential, tmp_path / "run", STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +89,7 @@ def test_engine_checkpoint_resume_is_exact(tmp_path):
     rest = cli("train", *common, f"--run.dir={tmp_path / 'split'}", env=env, timeout=400)
     assert rest.returncode == 0, rest.stderr[-2000:]
     assert "(step 4)" in rest.stderr
-    assert same_weights(tmp_path / "whole", tmp_path / "split")
+    assert same_weights(tmp_path / "whole", tmp_path / "split", STEPS)
 
 
 @pytest.mark.parametrize("ds_config,message", [

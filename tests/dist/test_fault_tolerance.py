@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, cli, load_block, ranks_of, start_cli, wait_for
+from tests.conftest import ROOT, TINY, cli, ranks_of, same_weights, start_cli, wait_for
 
 STEPS = 600
 COMMON = [str(TINY), f"--run.steps={STEPS}", "--pipeline.stages=2", "--pipeline.threads=1", "--run.log_every=50"]
@@ -27,9 +27,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_weights(reference, run_dir):
-    for block in range(4):
-        want, got = load_block(reference, STEPS, block), load_block(run_dir, STEPS, block)
-        assert all(torch.equal(want[k], got[k]) for k in want), f"block {block} differs from the uninterrupted run"
+    assert same_weights(reference, run_dir, STEPS), "weights differ from the uninterrupted run"
 
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
@@ -94,16 +92,6 @@ def test_corrupt_newest_checkpoint_falls_back_and_still_matches(reference, tmp_p
     assert "checkpoint step 300 is unusable: block_02.pt does not match its recorded size/sha256" in again.stderr
     assert "(step 200)" in again.stderr
     assert_same_weights(reference, run)
-
-
-@pytest.fixture
-def tiny_disk(tmp_path):
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
 
 
 def test_full_disk_fails_clearly_and_keeps_the_last_checkpoint(tiny_disk):

@@ -10,18 +10,21 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, cli, fmnist_mini_args, load_block, max_abs_diff, ranks_of, start_cli, wait_for
+from tests.conftest import (
+    ROOT,
+    SEQ_STEPS,
+    TINY,
+    cli,
+    fmnist_mini_args,
+    load_block,
+    max_abs_diff,
+    ranks_of,
+    same_weights,
+    start_cli,
+    wait_for,
+)
 
-STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def sequential(tmp_path_factory):
-    """The reference: one process, one thread (float reduction order depends on the thread count)."""
-    run_dir = tmp_path_factory.mktemp("seq") / "run"
-    proc = cli("train", str(TINY), f"--run.dir={run_dir}", f"--run.steps={STEPS}", "--pipeline.threads=1")
-    assert proc.returncode == 0, proc.stderr
-    return run_dir
+STEPS = SEQ_STEPS
 
 
 def _assert_clean_drain(proc, world):
@@ -36,9 +39,7 @@ def test_pipeline_equals_sequential_exactly(sequential, tmp_path, stages):
                "--pipeline.threads=1", timeout=240)
     _assert_clean_drain(proc, stages)
     assert "1 torch threads" in proc.stderr
-    for block in range(4):
-        want, got = load_block(sequential, STEPS, block), load_block(tmp_path, STEPS, block)
-        assert all(torch.equal(want[k], got[k]) for k in want), f"block {block} differs at S={stages}"
+    assert same_weights(sequential, tmp_path, STEPS), f"weights differ at S={stages}"
 
 
 def test_two_stages_two_replicas_match_the_global_batch(sequential, tmp_path):
@@ -88,9 +89,7 @@ def test_torchrun_launch_matches_sequential(sequential, tmp_path):
          "train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", "--pipeline.stages=2",
          "--pipeline.threads=1"], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for block in range(4):
-        want, got = load_block(sequential, STEPS, block), load_block(tmp_path, STEPS, block)
-        assert all(torch.equal(want[k], got[k]) for k in want)
+    assert same_weights(sequential, tmp_path, STEPS)
 
 
 def test_srun_style_environment_is_understood(sequential, tmp_path):
@@ -108,9 +107,7 @@ def test_srun_style_environment_is_understood(sequential, tmp_path):
     outs = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert "[rank=1 stage=1 replica=0]" in outs[1]
-    for block in range(4):
-        want, got = load_block(sequential, STEPS, block), load_block(tmp_path, STEPS, block)
-        assert all(torch.equal(want[k], got[k]) for k in want)
+    assert same_weights(sequential, tmp_path, STEPS)
 
 
 def test_kill_9_of_a_middle_stage_ends_every_rank_naming_it(tmp_path):

@@ -1,0 +1,171 @@
+"""Scaling on paper: predict BIM pipeline throughput for ViT-B/L/H on P GPUs with a given link bandwidth, from
+per-stage costs and message sizes, and say where communication becomes the bottleneck. The same model, fed the
+CPU's measured per-stage step times and the measured gloo loopback bandwidth, is checked against the measured
+CPU pipeline throughput from ``benchmarks.throughput``.
+
+The model: stages run concurrently and sends overlap compute (a stage never waits on its own send unless the
+link is slower than the stage), so one replica processes ``1 / max(max_k t_k, max_k m_k / B)`` samples/s, where
+``t_k`` is stage k's compute time per sample (its FLOPs over peak x MFU) and ``m_k`` the bytes it sends per
+sample (visible tokens at the wire dtype, the int16 masking order, uint8 pixels). R replicas multiply that, minus
+each stage's gradient all-reduce (ring: 2 (R-1)/R x gradient bytes per step over the data-parallel link).
+
+    python -m benchmarks.model [--mfu 0.4] [--peak-tflops 989]
+    python -m benchmarks.model --quick
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import RESULTS, base_parser, md_table, write_results
+from bimdist.config import Config, load_config, visible_counts
+from bimdist.dist.launch import free_port
+from bimdist.model.unit import BlockUnit
+
+MODELS = {
+    "ViT-B/16": ("vit-base-16", []),
+    "ViT-L/16": ("vit-large-16", []),
+    "ViT-H/14": ("vit-large-16", ["--model.patch_size=14", "--model.embed_dim=1280", "--model.depth=32",
+                                  "--model.num_heads=16"]),
+}
+LINKS_GBPS = {"NVLink (H100, 450 GB/s)": 450.0, "PCIe 5 x16 (50 GB/s)": 50.0, "InfiniBand 200 Gb/s (25 GB/s)": 25.0,
+              "Ethernet 25 Gb/s (3.1 GB/s)": 3.125}
+WIRE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+def stage_costs(cfg: Config, *, wire: str = "bf16") -> list[dict]:
+    """Per block (= stage): training FLOPs per sample (meta device, no compute), sent bytes, parameters."""
+    m = cfg.model
+    drops = cfg.masking.extra_drop or [0.0] * m.blocks
+    visible = visible_counts(m.num_patches, cfg.masking.mask_ratio, drops)
+    out, n = [], 2
+    with torch.device("meta"):
+        images = torch.zeros(n, m.in_chans, m.img_size, m.img_size, dtype=torch.uint8)
+        ids = torch.argsort(torch.rand(n, m.num_patches), 1)
+        tokens = None
+        for k in range(m.blocks):
+            unit = BlockUnit(cfg, k)
+            with FlopCounterMode(display=False) as fc:
+                res = unit(images, ids, tokens)
+                res.loss.backward()
+            tokens = res.tokens
+            nxt = visible[k + 1] if k + 1 < m.blocks else 0
+            sent = 0 if k + 1 == m.blocks else ((1 + nxt) * m.embed_dim * WIRE_BYTES[wire] + m.num_patches * 2
+                                               + m.in_chans * m.img_size**2)
+            out.append({"flop": fc.get_total_flops() / n, "bytes_sent": sent,
+                        "params": sum(p.numel() for p in unit.parameters())})
+    return out
+
+
+def predict(costs: list[dict], *, flop_per_s: float, link_bytes_per_s: float, replicas: int = 1,
+            dp_bytes_per_s: float | None = None, batch_per_replica: int = 256, grad_bytes: int = 2) -> dict:
+    t_compute = [c["flop"] / flop_per_s for c in costs]
+    t_comm = [c["bytes_sent"] / link_bytes_per_s for c in costs]
+    t_dp = [0.0] * len(costs)
+    if replicas > 1:
+        bw = dp_bytes_per_s or link_bytes_per_s
+        t_dp = [2 * (replicas - 1) / replicas * c["params"] * grad_bytes / bw / batch_per_replica for c in costs]
+    per_stage = [tc + td for tc, td in zip(t_compute, t_dp)]
+    bottleneck = max(max(per_stage), max(t_comm))
+    slow = max(range(len(costs)), key=lambda i: per_stage[i])
+    if max(t_comm) > max(per_stage):
+        limit = "activation link"
+    elif t_dp[slow] > t_compute[slow]:
+        limit = "gradient all-reduce"
+    else:
+        limit = "compute"
+    # the bandwidth below which sending a stage's activations takes longer than computing them
+    needed = max(c["bytes_sent"] / t for c, t in zip(costs, t_compute) if t > 0)
+    return {"samples_per_s": replicas / bottleneck, "limited_by": limit, "link_needed_bytes_per_s": needed}
+
+
+def _bandwidth_worker(rank: int, port: int, nbytes: int, reps: int, out: mp.SimpleQueue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    buf = torch.zeros(nbytes, dtype=torch.uint8)
+    for i in range(reps + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        if rank == 0:
+            dist.send(buf, 1)
+        else:
+            dist.recv(buf, 0)
+    if rank == 1:
+        out.put(reps * nbytes / (time.perf_counter() - t0))
+    dist.destroy_process_group()
+
+
+def gloo_bandwidth(nbytes: int, reps: int = 20) -> float:
+    """Bytes/s of gloo point-to-point between two local processes, at the pipeline's message size."""
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_bandwidth_worker, args=(r, port, nbytes, reps, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    return q.get()
+
+
+def latest_throughput(variant: str = "preset") -> dict | None:
+    files = sorted(RESULTS.glob(f"throughput-{variant}_*[0-9].json"))
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation on the GPU")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak (H100: 989)")
+    parser.add_argument("--batch", type=int, default=256, help="samples per replica per step")
+    args = parser.parse_args(argv)
+    models = {"ViT-B/16": MODELS["ViT-B/16"]} if args.quick else MODELS
+    gpu_rate = args.peak_tflops * 1e12 * args.mfu
+    rows, record = [], {"mfu": args.mfu, "peak_tflops": args.peak_tflops, "predictions": {}}
+    for name, (preset, over) in models.items():
+        cfg = load_config(preset, [*over, "--run.precision=fp32"])
+        costs = stage_costs(cfg)
+        record["predictions"][name] = {"stage_costs": costs, "points": []}
+        for link, gbps in LINKS_GBPS.items():
+            for replicas in (1, 2, 8):
+                p = predict(costs, flop_per_s=gpu_rate, link_bytes_per_s=gbps * 1e9, replicas=replicas,
+                            dp_bytes_per_s=gbps * 1e9, batch_per_replica=args.batch)
+                record["predictions"][name]["points"].append({"link": link, "replicas": replicas, **p})
+                rows.append([name, f"{cfg.model.blocks} x {replicas} = {cfg.model.blocks * replicas}", link,
+                             p["samples_per_s"], p["limited_by"], p["link_needed_bytes_per_s"] / 1e9])
+    table = md_table(["model", "GPUs (stages x replicas)", "link", "predicted samples/s", "limited by",
+                      "link needed to stay compute-bound, GB/s"], rows)
+    table += (f"\n\nAssumes {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s per GPU, bf16 activations on the "
+              f"wire, batch {args.batch} per replica, gradient all-reduce over the same link.")
+    measured = latest_throughput()
+    if measured is not None and not args.quick:
+        steps = measured["isolated_stage_step_s"]
+        msg = max(measured["message_bytes_per_step"].values())
+        bw = gloo_bandwidth(int(msg))
+        predicted = measured["batch"] / max(max(steps), msg / bw)
+        actual = measured["median_samples_per_s"][measured["best"]["(c)"]]
+        record["cpu_check"] = {"isolated_stage_step_s": steps, "message_bytes_per_step": msg,
+                               "gloo_bytes_per_s": bw, "predicted_samples_per_s": predicted,
+                               "measured_samples_per_s": actual, "error": actual / predicted - 1}
+        table += (f"\n\nCheck on this CPU: measured per-stage step times {[round(s, 3) for s in steps]} s, "
+                  f"{msg / 1e6:.2f} MB per message at {bw / 1e9:.2f} GB/s (gloo, loopback) -> predicted "
+                  f"{predicted:.1f} samples/s; measured {actual:.1f} ({100 * (actual / predicted - 1):+.1f}%).")
+    elif args.quick:
+        tiny = load_config("fmnist-tiny")
+        costs = stage_costs(tiny, wire="fp32")
+        bw = gloo_bandwidth(max(c["bytes_sent"] for c in costs) * 16, reps=5)
+        record["cpu_check"] = {"gloo_bytes_per_s": bw, "stage_flop": [c["flop"] for c in costs]}
+        table += f"\n\nQuick: gloo loopback {bw / 1e9:.2f} GB/s."
+    write_results("model", record, table, args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

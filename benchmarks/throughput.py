@@ -1,0 +1,209 @@
+"""Throughput on this machine, one torch thread per process, same model, batch and data (synthetic) for all:
+(a) end-to-end MAE in one process, (b) sequential BIM in one process, (c) the BIM pipeline with S=2 processes,
+(d) end-to-end MAE over the same 2 processes with torch.distributed.pipelining (1F1B and GPipe), (e) the same
+with DeepSpeed's PipelineModule. Targets: pipeline efficiency >= 0.97; (c)/(b) >= 1.9; (c) >= 1.3x best(d, e).
+
+Phase 1 sweeps every peer's configuration once (split point, microbatches; BIM's layer split) and reports every
+point. Phase 2 runs the best configuration of each contender side by side, alternating, for ``--rounds``
+rounds; medians and ratios come from phase 2. Efficiency = measured (c) / slowest-stage bound, where the bound is
+1 / the largest per-stage step time measured in isolation (each stage alone in one process, same inputs).
+
+    python -m benchmarks.throughput [--variant preset|light] [--rounds 3]
+    python -m benchmarks.throughput --quick
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import ROOT, base_parser, md_table, verdict, write_results
+from bimdist.config import Config, load_config, visible_counts
+from bimdist.data.batches import train_batches
+from bimdist.data.stream import DataStats, Position
+from bimdist.dist.topology import blocks_of_stage
+from bimdist.train.worker import StageWorker
+
+VARIANTS = {
+    "preset": [],
+    "light": ["--model.decoder_embed_dim=64", "--masking.extra_drop=[0.0,0.25,0.5,0.5]"],
+}
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    e.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def sh(cmd: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def bimdist_run(cfg_args: list[str], extra: list[str], steps: int) -> dict:
+    """A real ``bimdist train`` run; throughput from the last stage's steady-state step interval."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sh([sys.executable, "-m", "bimdist", "train", *cfg_args, *extra, f"--run.dir={tmp}", f"--run.steps={steps}",
+            "--pipeline.threads=1", "--run.recon_png=false", "--checkpoint.keep=1"])
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp, "ranks").glob("stage*_r0.json"))]
+    ranks.sort(key=lambda r: r["stage"])
+    last = ranks[-1]
+    return {"step_s": last["median_step_s"], "samples_per_s": last["samples_per_s"],
+            "idle_fraction": {r["stage"]: r["idle_fraction"] for r in ranks},
+            "bytes_sent_per_step": {r["stage"]: r["bytes_sent"] / max(1, r["steps"]) for r in ranks},
+            "step_flop": {r["stage"]: r["step_flop"] for r in ranks}}
+
+
+def baseline_run(module: str, cfg_args: list[str], extra: list[str], steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module,
+            *cfg_args, "--steps", str(steps), "--warmup", "2", "--json", str(out), *extra])
+        rec = json.loads(out.read_text())
+    return {"step_s": rec["median_step_s"], "samples_per_s": rec["samples_per_s"]}
+
+
+def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int) -> float:
+    """Median step time of one pipeline stage's units alone in this process (one thread)."""
+    torch.set_num_threads(1)
+    blocks = blocks_of_stage(cfg.model.blocks, stages, stage)
+    worker = StageWorker(cfg, blocks, device=torch.device("cpu"))
+    batch = next(train_batches(cfg, replica=0, replicas=1, start_step=0, start=Position(), stats=DataStats()))
+    drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
+    visible = visible_counts(cfg.model.num_patches, cfg.masking.mask_ratio, drops)
+    tokens = None
+    if blocks[0] > 0:
+        tokens = torch.randn(batch.images.shape[0], 1 + visible[blocks[0] - 1], cfg.model.embed_dim)
+    times = []
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        worker.train_step(step=step, images=batch.images, ids_shuffle=batch.ids_shuffle, tokens=tokens)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="preset")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--isolated", type=str, default=None, help=argparse_hidden())
+    args = parser.parse_args(argv)
+    if args.quick:
+        cfg_args = [str(ROOT / "tests/assets/tiny.yaml"), "--masking.extra_drop=null", "--data.batch_size=16"]
+        args.rounds, args.steps = 1, 4
+        bim_splits, ds_splits, micro = [None], [None], [2]
+        schedules = ["1f1b"]
+    else:
+        cfg_args = ["fmnist-tiny", *VARIANTS[args.variant], "--data.source=synthetic",
+                    f"--data.batch_size={args.batch}"]
+        bim_splits = [None, "[2,3,4,3]", "[3,4,3,2]"]  # stage 0 holds 6, 5, 7 of the 12 layers
+        ds_splits, micro = [None, "-1", "+1"], [2, 4, 8]
+        schedules = ["1f1b", "gpipe"]
+    if args.isolated is not None:  # worker mode: print one stage's isolated step time
+        stage, stages, over = json.loads(args.isolated)
+        cfg = load_config(cfg_args[0], [*cfg_args[1:], *over])
+        print(json.dumps({"step_s": isolated_stage_time(cfg, stage, stages, args.steps)}))
+        return 0
+    cfg = load_config(cfg_args[0], cfg_args[1:])
+    depth = cfg.model.depth
+    mae_args = [*cfg_args, "--method=mae", "--masking.extra_drop=null"]
+    mid = 1 + depth // 2
+
+    def split_arg(s: str | None) -> list[str]:
+        return [] if s is None else ["--split", str(mid + int(s))]
+
+    def bim_over(s: str | None) -> list[str]:
+        return [] if s is None else [f"--model.layers_per_block={s}"]
+
+    contenders: dict[str, tuple] = {}
+    for s in bim_splits:
+        contenders[f"(c) BIM pipeline S=2, layers {s or 'even'}"] = ("bimdist", ["--pipeline.stages=2", *bim_over(s)])
+    for sched in schedules:
+        for s in ds_splits:
+            for m in micro:
+                contenders[f"(d) torch pipelining {sched}, split {s or 'mid'}, {m} micro"] = (
+                    "bimdist.baselines.torch_pipe", ["--schedule", sched, "--microbatches", str(m), *split_arg(s)])
+    for s in ds_splits:
+        for m in micro:
+            contenders[f"(e) DeepSpeed PipelineModule, split {s or 'mid'}, {m} micro"] = (
+                "bimdist.baselines.ds_pipe", ["--microbatches", str(m), *split_arg(s)])
+
+    def run(kind: str, extra: list[str]) -> dict:
+        if kind == "bimdist":
+            return bimdist_run(cfg_args, extra, args.steps + 1)
+        base = mae_args if kind.startswith("bimdist.baselines") else cfg_args
+        return baseline_run(kind, base, extra, args.steps)
+
+    # Phase 1: every configuration once (skipped with --quick: one configuration each).
+    sweep = {} if args.quick else {name: run(kind, extra) for name, (kind, extra) in contenders.items()}
+    best = {}
+    for prefix in ("(c)", *(f"(d) torch pipelining {s}" for s in schedules), "(e)"):
+        names = [n for n in contenders if n.startswith(prefix)]
+        best[prefix] = max(names, key=lambda n: sweep[n]["samples_per_s"]) if sweep else names[0]
+    # Phase 2: the best of each, plus the single-process contenders, alternating.
+    final = {"(a) MAE, 1 process": ("bimdist", ["--method=mae", "--masking.extra_drop=null"]),
+             "(b) BIM sequential, 1 process": ("bimdist", []),
+             **{best[p]: contenders[best[p]] for p in best}}
+    rounds: dict[str, list[dict]] = {n: [] for n in final}
+    for _ in range(args.rounds):
+        for name, (kind, extra) in final.items():
+            rounds[name].append(run(kind, extra))
+    med = {n: statistics.median(r["samples_per_s"] for r in rs) for n, rs in rounds.items()}
+    c_name = best["(c)"]
+    c_extra = contenders[c_name][1]
+    stage_times = []
+    for stage in (0, 1):  # each stage alone in a fresh process, one thread
+        over = [a for a in c_extra if a.startswith("--model.")]
+        out = sh([sys.executable, "-m", "benchmarks.throughput", *(["--quick"] if args.quick else []),
+                  "--variant", args.variant, "--batch", str(args.batch), "--steps", str(args.steps),
+                  "--isolated", json.dumps([stage, 2, over])])
+        stage_times.append(json.loads(out.stdout.strip().splitlines()[-1])["step_s"])
+    bound = cfg.data.batch_size / max(stage_times)
+    c, b = med[c_name], med["(b) BIM sequential, 1 process"]
+    peers = max(med[best[p]] for p in best if not p.startswith("(c)"))
+    efficiency = c / bound
+    c_runs = rounds[c_name]
+    idle = {s: statistics.median(r["idle_fraction"][s] for r in c_runs) for s in c_runs[0]["idle_fraction"]}
+    record = {"variant": args.variant, "config": cfg_args, "batch": cfg.data.batch_size, "sweep": sweep,
+              "best": best, "rounds": rounds, "median_samples_per_s": med,
+              "isolated_stage_step_s": stage_times, "slowest_stage_bound_samples_per_s": bound,
+              "efficiency": efficiency, "c_over_b": c / b, "c_over_best_peer": c / peers, "idle_fraction": idle,
+              "message_bytes_per_step": c_runs[0]["bytes_sent_per_step"], "step_flop": c_runs[0]["step_flop"]}
+    rows = [[n, r["samples_per_s"], r["step_s"], "phase 1"] for n, r in sweep.items()]
+    rows += [[n, med[n], statistics.median(x["step_s"] for x in rs), f"phase 2 median of {len(rs)}"]
+             for n, rs in rounds.items()]
+    table = md_table(["contender", "samples/s", "step s", "measured in"], rows)
+    table += (f"\n\nBatch {cfg.data.batch_size}, one torch thread per process. "
+              f"Isolated stage step times {[round(t, 3) for t in stage_times]} s -> slowest-stage bound "
+              f"{bound:.1f} samples/s. Stage idle fractions in (c): "
+              f"{ {s: round(v, 3) for s, v in idle.items()} }.\n"
+              f"- pipeline efficiency (c)/bound: {verdict(efficiency, 0.97)}\n"
+              f"- (c)/(b): {verdict(c / b, 1.9)}\n"
+              f"- (c)/best of (d),(e) [{max((best[p] for p in best if not p.startswith('(c)')), key=med.get)}]: "
+              f"{verdict(c / peers, 1.3)}")
+    write_results(f"throughput-{args.variant}", record, table, args)
+    return 0
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

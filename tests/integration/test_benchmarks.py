@@ -1,0 +1,73 @@
+"""Every benchmark script runs end to end with --quick (tiny sizes), so none of them can rot."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def bench(name: str, tmp_path: Path, *extra: str, timeout: float = 600) -> dict:
+    readme = (ROOT / "README.md").read_text()
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick", "--out", str(tmp_path), *extra],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (ROOT / "README.md").read_text() == readme, "--quick must not rewrite the README"
+    files = list(tmp_path.glob("*_quick.json"))
+    assert len(files) == 1 and files[0].with_suffix(".md").exists()
+    record = json.loads(files[0].read_text())
+    assert record["machine"]["cores"] >= 1 and record["machine"]["torch"]
+    return record
+
+
+def test_flops_quick(tmp_path):
+    (v,) = bench("flops", tmp_path)["variants"]
+    assert v["bim"] > 0 and v["mae"] > 0 and v["bim_incremental"] < v["bim"]
+    assert len(v["separate_mae_per_depth"]) == v["blocks"]
+    assert v["separate_mae_per_depth"] == sorted(v["separate_mae_per_depth"])  # deeper MAEs cost more
+    assert 0 < v["once_for_all_saving"] < 1
+
+
+def test_memory_quick(tmp_path):
+    (r,) = bench("memory", tmp_path)["results"]
+    assert r["mae"]["peak_bytes"] > 0 and r["bim_sequential"]["peak_bytes"] > 0
+    assert r["bim_sequential"]["saved_bytes"] < r["mae"]["saved_bytes"]  # one block's graph at a time
+    assert [s["stage"] for s in r["pipelines"]["2"]] == [0, 1]
+
+
+def test_throughput_quick(tmp_path):
+    r = bench("throughput", tmp_path)
+    assert set(r["median_samples_per_s"]) >= {"(a) MAE, 1 process", "(b) BIM sequential, 1 process"}
+    assert all(v > 0 for v in r["median_samples_per_s"].values())
+    assert any(k.startswith("(d)") for k in r["median_samples_per_s"])
+    assert any(k.startswith("(e)") for k in r["median_samples_per_s"])
+    assert len(r["isolated_stage_step_s"]) == 2 and r["efficiency"] > 0
+    assert set(r["idle_fraction"]) == {"0", "1"} or set(r["idle_fraction"]) == {0, 1}
+
+
+def test_model_quick(tmp_path):
+    r = bench("model", tmp_path)
+    points = r["predictions"]["ViT-B/16"]["points"]
+    assert points and all(p["samples_per_s"] > 0 for p in points)
+    assert {p["limited_by"] for p in points} <= {"compute", "activation link", "gradient all-reduce"}
+    slow = [p for p in points if p["link"].startswith("Ethernet") and p["replicas"] == 1][0]
+    fast = [p for p in points if p["link"].startswith("NVLink") and p["replicas"] == 1][0]
+    assert slow["samples_per_s"] <= fast["samples_per_s"]
+    assert r["cpu_check"]["gloo_bytes_per_s"] > 0
+
+
+@pytest.mark.timeout(900)
+def test_accuracy_quick(tmp_path):
+    r = bench("accuracy", tmp_path, timeout=900)
+    assert set(r["runs"]) == {"BIM, 4 blocks", "MAE", "BIM, 6 blocks", "BIM, 4 blocks + incremental masking"}
+    for run in r["runs"].values():
+        names = [row["name"] for row in run["rows"]]
+        assert names[0] == "raw pixels" and names[1] == "depth 1"
+        assert all(0 <= row["linear"] <= 100 and not math.isnan(row["knn"]) for row in run["rows"])
+    assert len(r["checks"]) == 4
