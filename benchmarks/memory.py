@@ -7,7 +7,7 @@ Each contender is a real ``bimdist train`` run in fresh processes (synthetic dat
 - bytes of activations saved for backward (autograd's saved-tensor hooks, parameters excluded), which do not
   depend on the allocator: MAE keeps one graph for the whole encoder, BIM one block's graph at a time.
 
-    python -m benchmarks.memory          # fmnist-tiny at batch 1024 (S=4, S=6) and ViT-B/16 at batch 64
+    python -m benchmarks.memory   # fmnist-tiny at batch 1024 (S=4, S=6; preset and light decoder), ViT-B/16 at 64
     python -m benchmarks.memory --quick
 """
 
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         plans = [("tiny (quick)", str(ROOT / "tests/assets/tiny.yaml"), [], 32, [2], 2)]
     else:
         plans = [("fmnist-tiny, batch 1024", "fmnist-tiny", ["--model.decoder_embed_dim=128"], 1024, [4, 6], 3),
+                 ("fmnist-tiny, light decoder (64), batch 1024", "fmnist-tiny", ["--model.decoder_embed_dim=64"],
+                  1024, [4, 6], 3),
                  ("ViT-B/16 224px, batch 64", "vit-base-16", ["--run.precision=fp32", "--model.decoder_depth=1"], 64,
                   [4], 2)]
     results = [measure(*plan) for plan in plans]

@@ -177,7 +177,7 @@ class StageLoop:
         states = [self.store.load_block(step, b, map_location=self.device) for b in self.blocks]
         self.worker.load_state_dicts(states)
         if states and "rng" in states[0]:
-            torch.set_rng_state(states[0]["rng"])
+            torch.set_rng_state(states[0]["rng"].cpu())
         position = self.store.load_position(step, self.replica) if self.first else Position()
         log.info("resumed stage %d from %s (step %d)", self.stage, self.store.step_dir(step), step)
         self.saved_step = step

@@ -62,7 +62,7 @@ def test_presets_load_and_overrides_apply():
     assert cfg.model.img_size == 28 and cfg.model.patch_size == 4 and cfg.model.embed_dim == 192
     assert load_config("vit-base-16").model.embed_dim == 768
     assert load_config("vit-large-16").model.depth == 24
-    assert cfg.lr == pytest.approx(1.5e-4 * 256 / 256)
+    assert cfg.lr == pytest.approx(1.0e-3 * 256 / 256)
 
 
 def test_resolved_config_roundtrips_through_yaml(tmp_path):
