@@ -7,4 +7,4 @@ bash launch/setup.sh
 . .venv/bin/activate
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 ruff check bimdist tests benchmarks
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"

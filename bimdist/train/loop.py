@@ -81,30 +81,53 @@ def peak_flop_per_s(device: torch.device, override_tflops: float | None) -> floa
     return next((t * 1e12 for key, t in PEAK_TFLOPS.items() if key in name), None)
 
 
-def prefetch(it: Iterator[Batch], depth: int = 2, timeout_s: float = 600.0) -> Iterator[Batch]:
-    """Build batches on a background thread so decoding overlaps compute; the order is unchanged."""
-    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    done = object()
+class Prefetcher:
+    """Build batches on a background thread so decoding overlaps compute; the order is unchanged.
 
-    def work() -> None:
+    ``close`` stops and joins the thread: a thread left inside a torch op at interpreter exit aborts the process.
+    """
+
+    def __init__(self, it: Iterator[Batch], depth: int = 2, timeout_s: float = 600.0):
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = object()
+        self._timeout = timeout_s
+        self._thread = threading.Thread(target=self._work, args=(it,), name="bimdist-data", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, it: Iterator[Batch]) -> None:
         try:
             for b in it:
-                q.put(b)
-            q.put(done)
+                if not self._put(b):
+                    return
+            self._put(self._done)
         except BaseException as e:  # noqa: BLE001 - re-raised on the consumer side
-            q.put(e)
+            self._put(e)
 
-    threading.Thread(target=work, name="bimdist-data", daemon=True).start()
-    while True:
-        try:
-            item = q.get(timeout=timeout_s)
-        except queue.Empty:
-            raise DataError(f"no batch produced within {timeout_s:.0f} s (data loading stalled)") from None
-        if item is done:
-            return
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            try:
+                item = self._q.get(timeout=self._timeout)
+            except queue.Empty:
+                raise DataError(f"no batch produced within {self._timeout:.0f} s (data loading stalled)") from None
+            if item is self._done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
 
 
 class StageLoop:
@@ -233,10 +256,12 @@ class StageLoop:
         progress = Progress(steps=self.cfg.run.steps, every=self.cfg.run.log_every, stage=self.stage,
                             replica=self.replica, enabled=self.replica == 0, start=start)
         batches: Iterator[Batch] | None = None
+        prefetcher: Prefetcher | None = None
         if self.first:
             replicas = self.comm.topo.replicas if self.comm else 1
-            batches = prefetch(train_batches(self.cfg, replica=self.replica, replicas=replicas, start_step=start,
-                                             start=position, stats=self.data_stats))
+            prefetcher = Prefetcher(train_batches(self.cfg, replica=self.replica, replicas=replicas,
+                                                  start_step=start, start=position, stats=self.data_stats))
+            batches = iter(prefetcher)
         step, reason, losses = start, END_DONE, []
         every = self.cfg.checkpoint.every
         last_end = time.perf_counter()
@@ -319,6 +344,8 @@ class StageLoop:
         finally:
             progress.close()
             self.timeline.close()
+            if prefetcher is not None:
+                prefetcher.close()
         log.info("stage %d replica %d finished at step %d (%s)", self.stage, self.replica, step, END_NAMES[reason])
         self.final_step = step
         code = EXIT_PREEMPTED if reason == END_PREEMPT else EXIT_OK
