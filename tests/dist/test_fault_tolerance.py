@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import ROOT, TINY, cli, ranks_of, same_weights, start_cli, wait_for
 
-STEPS = 600
+STEPS = 400
 COMMON = [str(TINY), f"--run.steps={STEPS}", "--pipeline.stages=2", "--pipeline.threads=1", "--run.log_every=50"]
 
 
@@ -34,7 +34,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
     log = tmp_path / "first.log"
     job = start_cli("train", *COMMON, f"--run.dir={tmp_path / 'run'}", log_path=log)
     try:
-        assert wait_for(lambda: "progress stage=1 replica=0 step=200/" in log.read_text(), 180), log.read_text()
+        assert wait_for(lambda: "progress stage=1 replica=0 step=150/" in log.read_text(), 180), log.read_text()
         job.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         code = job.wait(timeout=120)
@@ -46,7 +46,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(reference, tmp_path):
     assert code == 75, text[-3000:]
     assert stopped_in < 60
     stops = [int(s) for s in re.findall(r"finished at step (\d+) \(signal\)", text)]
-    assert len(stops) == 2 and stops[0] == stops[1] and 200 <= stops[0] < STEPS
+    assert len(stops) == 2 and stops[0] == stops[1] and 150 <= stops[0] < STEPS
     again = cli("train", *COMMON, f"--run.dir={tmp_path / 'run'}", timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"(step {stops[0]})" in again.stderr
@@ -59,10 +59,10 @@ def test_kill_9_under_torchrun_restarts_and_matches(reference, tmp_path):
     with open(log, "w") as f:
         job = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-             "-m", "bimdist", "train", *COMMON, f"--run.dir={tmp_path / 'run'}", "--checkpoint.every=100"],
+             "-m", "bimdist", "train", *COMMON, f"--run.dir={tmp_path / 'run'}", "--checkpoint.every=50"],
             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
-        assert wait_for(lambda: "progress stage=1 replica=0 step=300/" in log.read_text(), 180), log.read_text()
+        assert wait_for(lambda: "progress stage=1 replica=0 step=200/" in log.read_text(), 180), log.read_text()
         ranks = ranks_of(job.pid)
         assert sorted(ranks) == [0, 1]
         os.kill(ranks[1], signal.SIGKILL)
@@ -73,24 +73,24 @@ def test_kill_9_under_torchrun_restarts_and_matches(reference, tmp_path):
     text = log.read_text()
     assert code == 0, text[-3000:]
     resumed = re.findall(r"resumed stage 1 from .*\(step (\d+)\)", text)
-    assert resumed and int(resumed[-1]) >= 300 and int(resumed[-1]) % 100 == 0, text[-3000:]
+    assert resumed and int(resumed[-1]) >= 200 and int(resumed[-1]) % 50 == 0, text[-3000:]
     assert f"finished at step {STEPS} (step limit)" in text
     assert_same_weights(reference, tmp_path / "run")
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_still_matches(reference, tmp_path):
     run = tmp_path / "run"
-    first = cli("train", *COMMON, f"--run.dir={run}", "--run.stop_at=300", "--checkpoint.every=100",
+    first = cli("train", *COMMON, f"--run.dir={run}", "--run.stop_at=200", "--checkpoint.every=100",
                 "--checkpoint.keep=3", timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    newest = run / "checkpoints" / "step_00000300" / "block_02.pt"
+    newest = run / "checkpoints" / "step_00000200" / "block_02.pt"
     data = bytearray(newest.read_bytes())
     data[len(data) // 3] ^= 0x55
     newest.write_bytes(bytes(data))
     again = cli("train", *COMMON, f"--run.dir={run}", timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "checkpoint step 300 is unusable: block_02.pt does not match its recorded size/sha256" in again.stderr
-    assert "(step 200)" in again.stderr
+    assert "checkpoint step 200 is unusable: block_02.pt does not match its recorded size/sha256" in again.stderr
+    assert "(step 100)" in again.stderr
     assert_same_weights(reference, run)
 
 
