@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 
-from bimdist.config import Config, ConfigError, EvalConfig, format_validation_error, parse_overrides
+from bimdist.config import Config, ConfigError
 from bimdist.data.batches import eval_images
 from bimdist.data.stream import DataStats
 from bimdist.data.synthetic import synthetic_image
@@ -121,16 +120,10 @@ def table(rows: list[Row], *, title: str = "") -> str:
 def evaluate_run(run_dir: Path, *, train_samples: int | None = None, test_samples: int | None = None,
                  overrides: list[str] | None = None) -> list[Row]:
     """``overrides`` (``--eval.pool=cls`` ...) change the eval section only; the model comes from the run."""
-    cfg = run_config(run_dir)
-    if overrides:
-        bad = [o for o in overrides if not o.startswith("--eval.")]
-        if bad:
-            raise ConfigError(f"bimdist eval only takes --eval.* overrides, got {bad}")
-        try:
-            section = EvalConfig.model_validate({**cfg.eval.model_dump(), **parse_overrides(overrides)["eval"]})
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e)) from None
-        cfg = cfg.model_copy(update={"eval": section})
+    bad = [o for o in overrides or [] if not o.startswith("--eval.")]
+    if bad:
+        raise ConfigError(f"bimdist eval only takes --eval.* overrides, got {bad}")
+    cfg = run_config(run_dir, overrides)
     units, step = load_units(cfg, run_dir)
     rows = evaluate(cfg, Backbone(cfg, units).eval(), train_samples=train_samples, test_samples=test_samples)
     md = table(rows, title=f"{cfg.method} run {run_dir} at step {step}")

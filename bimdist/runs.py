@@ -11,11 +11,12 @@ from bimdist.model.unit import BlockUnit, build_unit, unit_indices
 from bimdist.train.checkpoint import CheckpointError, CheckpointStore
 
 
-def run_config(run_dir: Path) -> Config:
+def run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The config a run was trained with, from its ``config.yaml``, plus optional ``--section.key=value``."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path} not found: {run_dir} is not a bimdist run folder (train writes config.yaml there)")
-    return load_config(str(path))
+    return load_config(str(path), overrides)
 
 
 def store_for(cfg: Config, run_dir: Path) -> CheckpointStore:

@@ -111,6 +111,16 @@ def test_eval_prints_a_table_for_every_depth(trained_fmnist):
         assert 10.0 < row["linear"] <= 100.0 and 10.0 < row["knn"] <= 100.0  # above chance on 10 classes
 
 
+def test_eval_overrides_touch_only_the_eval_section(trained_fmnist):
+    bad_value = cli("eval", str(trained_fmnist), "--eval.pool=bogus")
+    assert bad_value.returncode == 2 and "config error: eval.pool: Input should be 'avg' or 'cls'" in bad_value.stderr
+    other_section = cli("eval", str(trained_fmnist), "--run.steps=3")
+    assert other_section.returncode == 2 and "only takes --eval.* overrides" in other_section.stderr
+    cls = cli("eval", str(trained_fmnist), "--eval.pool=cls", "--eval.probe_epochs=2")
+    assert cls.returncode == 0, cls.stderr
+    assert [row["name"] for row in json.loads((trained_fmnist / "eval.json").read_text())["rows"]][-1] == "depth 4"
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_export_loads_strictly_into_timm_and_matches(trained_fmnist, tmp_path, depth):
     out = tmp_path / f"d{depth}.safetensors"
