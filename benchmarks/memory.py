@@ -17,40 +17,63 @@ import json
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import ROOT, base_parser, md_table, random_batch, verdict, write_results
 from bimdist.config import Config, load_config
+from bimdist.model.chunked import batch_slices
 from bimdist.model.unit import build_unit, unit_indices
 
 GIB = 2**30
 
 
 def saved_activation_bytes(cfg: Config, batch: int) -> list[int]:
-    """Per unit: bytes of distinct non-parameter tensors autograd saves during its forward."""
+    """Per unit: the most bytes of distinct non-parameter tensors autograd holds for backward at once.
+
+    That is what the forward saves plus, with ``model.decoder_chunks`` > 1, what the largest slice's
+    recomputation saves during backward (the forward's tensors are still alive then)."""
     images, ids = random_batch(cfg, batch)
+    largest_slice = max(s.stop - s.start for s in batch_slices(batch, cfg.model.decoder_chunks)) / batch
     tokens, out_bytes = None, []
     for i in unit_indices(cfg):
         unit: nn.Module = build_unit(cfg, i)
         params = {p.untyped_storage().data_ptr() for p in unit.parameters()}
-        seen: dict[int, int] = {}
+        fwd: dict[int, torch.UntypedStorage] = {}
+        bwd: dict[int, torch.UntypedStorage] = {}
 
-        def pack(t: torch.Tensor, params: set[int] = params, seen: dict[int, int] = seen) -> torch.Tensor:
+        def pack(t: torch.Tensor, seen: dict[int, torch.UntypedStorage], params: set[int] = params) -> torch.Tensor:
             s = t.untyped_storage()
             if s.data_ptr() not in params:
-                seen[s.data_ptr()] = s.nbytes()
+                seen[s.data_ptr()] = s  # held, so a freed slice's memory is not reused under the same address
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(partial(pack, seen=fwd), lambda t: t):
             out = unit(images, ids, tokens)
-        out_bytes.append(sum(seen.values()))
-        out.loss.backward()
+        with torch.autograd.graph.saved_tensors_hooks(partial(pack, seen=bwd), lambda t: t):
+            out.loss.backward()  # records only the chunked decoder's recomputation (all slices)
+        out_bytes.append(sum(x.nbytes() for x in fwd.values())
+                         + int(sum(x.nbytes() for x in bwd.values()) * largest_slice))
         tokens = out.tokens
         del out
     return out_bytes
+
+
+def step_flop(cfg: Config, batch: int) -> float:
+    """Forward + backward FLOPs of one sequential step over every unit (torch's flop counter)."""
+    images, ids = random_batch(cfg, batch)
+    tokens, total = None, 0.0
+    for i in unit_indices(cfg):
+        with FlopCounterMode(display=False) as counter:
+            out = build_unit(cfg, i)(images, ids, tokens)
+            out.loss.backward()
+        total += counter.get_total_flops()
+        tokens = out.tokens
+    return total
 
 
 def run_peaks(cfg_name: str, overrides: list[str], run_dir: Path) -> list[dict]:
@@ -67,76 +90,112 @@ def peak_bytes(summary: dict) -> int:
     return summary["cuda_peak_bytes"] or summary["peak_rss_bytes"] - summary["baseline_rss_bytes"]
 
 
-def measure(shape: str, cfg_name: str, base: list[str], batch: int, stage_counts: list[int], steps: int) -> dict:
+def measure_contenders(cfg_name: str, common: list[str], batch: int, stage_counts: list[int], tmp: Path) -> dict:
+    """(a) MAE, (b) sequential BIM and (c) every pipeline stage, each in fresh processes, for one setting."""
+    mae_cfg = load_config(cfg_name, [*common, "--method=mae"])
+    mae = run_peaks(cfg_name, [*common, "--method=mae"], tmp / "mae")[0]
+    seq = run_peaks(cfg_name, common, tmp / "bim")[0]
+    per_unit = saved_activation_bytes(load_config(cfg_name, common), batch)
+    out: dict = {
+        "mae": {"peak_bytes": peak_bytes(mae), "saved_bytes": saved_activation_bytes(mae_cfg, batch)[0],
+                "step_flop": step_flop(mae_cfg, batch)},
+        "bim_sequential": {"peak_bytes": peak_bytes(seq), "saved_bytes": max(per_unit),
+                           "saved_bytes_per_block": per_unit,
+                           "step_flop": step_flop(load_config(cfg_name, common), batch)},
+        "pipelines": {},
+    }
+    for stages in stage_counts:
+        over = [*common, f"--pipeline.stages={stages}", f"--model.blocks={stages}"]
+        saved = saved_activation_bytes(load_config(cfg_name, over), batch)
+        ranks = run_peaks(cfg_name, over, tmp / f"pipe{stages}")
+        out["pipelines"][str(stages)] = [{"stage": r["stage"], "peak_bytes": peak_bytes(r),
+                                          "saved_bytes": saved[r["stage"]]} for r in ranks]
+    return out
+
+
+def ratios(run: dict, a: dict) -> dict[str, float]:
+    """Every contender of ``run`` against the MAE figures ``a``."""
+    return {
+        "bim_over_mae_peak": run["bim_sequential"]["peak_bytes"] / a["peak_bytes"],
+        "bim_over_mae_saved": run["bim_sequential"]["saved_bytes"] / a["saved_bytes"],
+        **{f"worst_stage_S{s}_over_mae_peak": max(r["peak_bytes"] for r in rows) / a["peak_bytes"]
+           for s, rows in run["pipelines"].items()},
+        **{f"worst_stage_S{s}_over_mae_saved": max(r["saved_bytes"] for r in rows) / a["saved_bytes"]
+           for s, rows in run["pipelines"].items()},
+    }
+
+
+def measure(shape: str, cfg_name: str, base: list[str], batch: int, stage_counts: list[int], steps: int,
+            chunks: int) -> dict:
+    """The plain contenders, then the same with every decoder run over ``chunks`` slices of the batch."""
     common = [*base, "--data.source=synthetic", f"--data.batch_size={batch}", f"--run.steps={steps}",
               "--run.recon_png=false", "--checkpoint.keep=1", "--optim.warmup_steps=1", "--masking.extra_drop=null",
               "--pipeline.stages=1"]
-    mae_cfg = load_config(cfg_name, [*common, "--method=mae"])
-    result: dict = {"shape": shape, "config": cfg_name, "overrides": common, "batch": batch}
+    result: dict = {"shape": shape, "config": cfg_name, "overrides": common, "batch": batch, "decoder_chunks": chunks}
     with tempfile.TemporaryDirectory() as tmp:
-        mae = run_peaks(cfg_name, [*common, "--method=mae"], Path(tmp) / "mae")[0]
-        seq = run_peaks(cfg_name, common, Path(tmp) / "bim")[0]
-        result["mae"] = {"peak_bytes": peak_bytes(mae), "saved_bytes": saved_activation_bytes(mae_cfg, batch)[0]}
-        bim_cfg = load_config(cfg_name, common)
-        per_unit = saved_activation_bytes(bim_cfg, batch)
-        result["bim_sequential"] = {"peak_bytes": peak_bytes(seq), "saved_bytes": max(per_unit),
-                                    "saved_bytes_per_block": per_unit}
-        result["pipelines"] = {}
-        for stages in stage_counts:
-            over = [*common, f"--pipeline.stages={stages}", f"--model.blocks={stages}"]
-            cfg_s = load_config(cfg_name, over)
-            saved = saved_activation_bytes(cfg_s, batch)
-            ranks = run_peaks(cfg_name, over, Path(tmp) / f"pipe{stages}")
-            result["pipelines"][str(stages)] = [{"stage": r["stage"], "peak_bytes": peak_bytes(r),
-                                                 "saved_bytes": saved[r["stage"]]} for r in ranks]
-    a = result["mae"]
-    result["ratios"] = {
-        "bim_over_mae_peak": result["bim_sequential"]["peak_bytes"] / a["peak_bytes"],
-        "bim_over_mae_saved": result["bim_sequential"]["saved_bytes"] / a["saved_bytes"],
-        **{f"worst_stage_S{s}_over_mae_peak": max(r["peak_bytes"] for r in rows) / a["peak_bytes"]
-           for s, rows in result["pipelines"].items()},
-        **{f"worst_stage_S{s}_over_mae_saved": max(r["saved_bytes"] for r in rows) / a["saved_bytes"]
-           for s, rows in result["pipelines"].items()},
-    }
+        result.update(measure_contenders(cfg_name, common, batch, stage_counts, Path(tmp) / "plain"))
+        result["chunked"] = measure_contenders(cfg_name, [*common, f"--model.decoder_chunks={chunks}"], batch,
+                                               stage_counts, Path(tmp) / "chunked")
+    a, c = result["mae"], result["chunked"]
+    result["ratios"] = ratios(result, a)
+    result["chunked_ratios"] = ratios(c, a)  # against plain MAE (a), the issue's reference
+    result["chunked_ratios_vs_chunked_mae"] = ratios(c, c["mae"])  # against MAE given the same slicing
+    result["chunked_flop_overhead"] = {"mae": c["mae"]["step_flop"] / a["step_flop"] - 1,
+                                       "bim": c["bim_sequential"]["step_flop"] / result["bim_sequential"]["step_flop"]
+                                       - 1}
     return result
+
+
+def contender_rows(shape: str, run: dict, a: dict, slices: int) -> list[list]:
+    mark = "'" if slices > 1 else ""
+    rows = [[shape, f"(a{mark}) MAE, one device", slices, run["mae"]]]
+    rows.append([shape, f"(b{mark}) BIM sequential, one device", slices, run["bim_sequential"]])
+    for s, ranks in run["pipelines"].items():
+        rows += [[shape, f"(c{mark}) BIM pipeline S={s}, stage {rk['stage']}", slices, rk] for rk in ranks]
+    return [[sh, name, k, m["peak_bytes"] / GIB, m["peak_bytes"] / a["peak_bytes"], m["saved_bytes"] / GIB,
+             m["saved_bytes"] / a["saved_bytes"]] for sh, name, k, m in rows]
+
+
+def targets(q: dict[str, float]) -> str:
+    s4 = "worst_stage_S4_over_mae_peak" in q
+    return (f"(b)/(a) peak {verdict(q['bim_over_mae_peak'], 0.5, at_most=True)}, saved "
+            f"{verdict(q['bim_over_mae_saved'], 0.5, at_most=True)}; worst stage at S=4: peak "
+            + (verdict(q["worst_stage_S4_over_mae_peak"], 0.30, at_most=True) if s4 else "n/a") + ", saved "
+            + (verdict(q["worst_stage_S4_over_mae_saved"], 0.30, at_most=True) if s4 else "n/a"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
     if args.quick:
-        plans = [("tiny (quick)", str(ROOT / "tests/assets/tiny.yaml"), [], 32, [2], 2)]
+        plans = [("tiny (quick)", str(ROOT / "tests/assets/tiny.yaml"), [], 32, [2], 2, 4)]
     else:
-        plans = [("fmnist-tiny, batch 1024", "fmnist-tiny", ["--model.decoder_embed_dim=128"], 1024, [4, 6], 3),
+        plans = [("fmnist-tiny, batch 1024", "fmnist-tiny", ["--model.decoder_embed_dim=128"], 1024, [4, 6], 3, 8),
                  ("fmnist-tiny, light decoder (64), batch 1024", "fmnist-tiny", ["--model.decoder_embed_dim=64"],
-                  1024, [4, 6], 3),
+                  1024, [4, 6], 3, 8),
                  ("ViT-B/16 224px, batch 64", "vit-base-16", ["--run.precision=fp32", "--model.decoder_depth=1"], 64,
-                  [4], 2)]
+                  [4], 2, 8)]
     results = [measure(*plan) for plan in plans]
     rows = []
     for r in results:
-        a = r["mae"]
-        rows.append([r["shape"], "(a) MAE, one device", a["peak_bytes"] / GIB, 1.0, a["saved_bytes"] / GIB, 1.0])
-        b = r["bim_sequential"]
-        rows.append([r["shape"], "(b) BIM sequential, one device", b["peak_bytes"] / GIB,
-                     b["peak_bytes"] / a["peak_bytes"], b["saved_bytes"] / GIB, b["saved_bytes"] / a["saved_bytes"]])
-        for s, ranks in r["pipelines"].items():
-            for rk in ranks:
-                rows.append([r["shape"], f"(c) BIM pipeline S={s}, stage {rk['stage']}", rk["peak_bytes"] / GIB,
-                             rk["peak_bytes"] / a["peak_bytes"], rk["saved_bytes"] / GIB,
-                             rk["saved_bytes"] / a["saved_bytes"]])
-    table = md_table(["model and batch", "contender", "peak GiB", "peak / (a)", "saved activations GiB",
-                      "saved / (a)"], rows)
+        rows += contender_rows(r["shape"], r, r["mae"], 1)
+        rows += contender_rows(r["shape"], r["chunked"], r["mae"], r["decoder_chunks"])
+    table = md_table(["model and batch", "contender", "decoder slices", "peak GiB", "peak / (a)",
+                      "saved activations GiB", "saved / (a)"], rows)
     notes = []
     for r in results:
-        q = r["ratios"]
-        notes.append(f"- {r['shape']}: (b)/(a) peak {verdict(q['bim_over_mae_peak'], 0.5, at_most=True)}, "
-                     f"saved activations {verdict(q['bim_over_mae_saved'], 0.5, at_most=True)}; worst stage at S=4 "
-                     f"/ (a): peak {verdict(q['worst_stage_S4_over_mae_peak'], 0.30, at_most=True) if 'worst_stage_S4_over_mae_peak' in q else 'n/a'}, "  # noqa: E501
-                     f"saved {verdict(q['worst_stage_S4_over_mae_saved'], 0.30, at_most=True) if 'worst_stage_S4_over_mae_saved' in q else 'n/a'}")  # noqa: E501
+        k, f = r["decoder_chunks"], r["chunked_flop_overhead"]
+        notes += [f"- {r['shape']}, plain: {targets(r['ratios'])}",
+                  f"- {r['shape']}, decoders in {k} slices (`--model.decoder_chunks={k}`), against plain (a): "
+                  f"{targets(r['chunked_ratios'])}",
+                  f"- {r['shape']}, decoders in {k} slices, against MAE with the same slicing (a'): "
+                  f"{targets(r['chunked_ratios_vs_chunked_mae'])}; the recomputation costs "
+                  f"{f['bim']:+.1%} FLOPs per step for BIM, {f['mae']:+.1%} for MAE"]
     table += ("\n\nPeak = RSS high-water mark above the post-import baseline on CPU (CUDA: max_memory_allocated); "
-              "it includes parameters and AdamW state. Saved = activations autograd keeps for backward.\n"
-              + "\n".join(notes))
+              "it includes parameters and AdamW state. Saved = the most activation bytes autograd holds for backward "
+              "at once (with sliced decoders: the forward's plus the largest slice's recomputation). Primed rows run "
+              "every decoder over slices of the batch and recompute it in backward (`model.decoder_chunks`); the "
+              "gradients are unchanged.\n" + "\n".join(notes))
     write_results("memory", {"results": results}, table, args)
     return 0
 

@@ -38,6 +38,10 @@ class ModelConfig(Section):
     decoder_embed_dim: int = Field(128, gt=0)
     decoder_depth: int = Field(1, ge=0)
     decoder_num_heads: int = Field(4, gt=0)
+    decoder_chunks: int = Field(
+        1, ge=1, description="run each decoder over this many slices of the batch and recompute it in backward: "
+        "less activation memory for one extra decoder forward; the gradients do not change",
+    )
     norm_pix_loss: bool = True
 
     @model_validator(mode="after")

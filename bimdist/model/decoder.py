@@ -37,10 +37,12 @@ def patch_target(imgs: torch.Tensor, patch: int, *, norm_pix: bool) -> torch.Ten
     return target
 
 
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the patches where ``mask`` is 1."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *,
+               count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the patches where ``mask`` is 1; ``count`` overrides the divisor (a slice of
+    the batch divides by the whole batch's masked count, so the slices' losses sum to the batch's)."""
     loss = ((pred - target) ** 2).mean(dim=-1)  # [N, L]
-    return (loss * mask).sum() / mask.sum()
+    return (loss * mask).sum() / (mask.sum() if count is None else count)
 
 
 class Decoder(nn.Module):

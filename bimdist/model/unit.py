@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from bimdist.config import Config, visible_counts
+from bimdist.model.chunked import chunked_loss
 from bimdist.model.decoder import Decoder, masked_mse, patch_target
 from bimdist.model.masking import hidden_mask, restore_ids, seed_for
 from bimdist.model.vit import Embedding, EncoderBlock
@@ -38,6 +39,7 @@ class BlockUnit(nn.Module):
         self.index = index
         self.patch = m.patch_size
         self.norm_pix = m.norm_pix_loss
+        self.decoder_chunks = m.decoder_chunks
         mae = cfg.method == "mae"
         layers = m.depth if mae else m.split[index]
         drops = cfg.masking.extra_drop or [0.0] * m.blocks
@@ -74,9 +76,20 @@ class BlockUnit(nn.Module):
         out = self.encoder(x)  # [N, 1+n, D]
         if on_encoded is not None:
             on_encoded(out.detach())
-        pred = self.decoder(self.encoder.norm(out), ids_restore)  # [N, L, p*p*C]
+        h = self.encoder.norm(out)  # [N, 1+n, D]
         target = patch_target(imgs, self.patch, norm_pix=self.norm_pix)  # [N, L, p*p*C]
-        loss = masked_mse(pred, target, hidden_mask(ids_restore, self.visible))
+        mask = hidden_mask(ids_restore, self.visible)  # [N, L]
+        if self.decoder_chunks == 1:
+            pred = self.decoder(h, ids_restore)  # [N, L, p*p*C]
+            loss = masked_mse(pred, target, mask)
+        else:
+            count = mask.sum()
+
+            def slice_loss(h_rows: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+                pred = self.decoder(h_rows, ids_restore[rows])  # [n_rows, L, p*p*C]
+                return masked_mse(pred, target[rows], mask[rows], count=count), pred
+
+            loss, pred = chunked_loss(slice_loss, h, list(self.decoder.parameters()), chunks=self.decoder_chunks)
         return UnitOutput(loss=loss, tokens=out.detach(), pred=pred)
 
 

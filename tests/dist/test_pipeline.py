@@ -42,9 +42,12 @@ def test_pipeline_equals_sequential_exactly(sequential, tmp_path, stages):
     assert same_weights(sequential, tmp_path, STEPS), f"weights differ at S={stages}"
 
 
-def test_two_stages_two_replicas_match_the_global_batch(sequential, tmp_path):
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_two_stages_two_replicas_match_the_global_batch(sequential, tmp_path, chunks):
+    """DDP over replicas; with decoder_chunks=3 the recomputed decoder must still hand DDP one gradient per
+    parameter and match the unchunked sequential run."""
     proc = cli("train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", "--pipeline.stages=2",
-               "--pipeline.replicas=2", "--pipeline.threads=1", timeout=240)
+               "--pipeline.replicas=2", "--pipeline.threads=1", f"--model.decoder_chunks={chunks}", timeout=240)
     _assert_clean_drain(proc, 4)
     first = cli("train", str(TINY), f"--run.dir={tmp_path / 'one-step'}", "--run.steps=1")
     assert first.returncode == 0

@@ -39,6 +39,10 @@ def test_memory_quick(tmp_path):
     assert r["mae"]["peak_bytes"] > 0 and r["bim_sequential"]["peak_bytes"] > 0
     assert r["bim_sequential"]["saved_bytes"] < r["mae"]["saved_bytes"]  # one block's graph at a time
     assert [s["stage"] for s in r["pipelines"]["2"]] == [0, 1]
+    c = r["chunked"]  # decoders over slices: less kept for backward, one more decoder forward
+    assert c["bim_sequential"]["saved_bytes"] < r["bim_sequential"]["saved_bytes"]
+    assert c["mae"]["saved_bytes"] < r["mae"]["saved_bytes"]
+    assert r["chunked_flop_overhead"]["bim"] > 0 and r["chunked_flop_overhead"]["mae"] > 0
 
 
 def test_throughput_quick(tmp_path):
