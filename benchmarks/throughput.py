@@ -14,6 +14,7 @@ rounds; medians and ratios come from phase 2. Efficiency = measured (c) / slowes
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -77,23 +78,57 @@ def baseline_run(module: str, cfg_args: list[str], extra: list[str], steps: int)
     return {"step_s": rec["median_step_s"], "samples_per_s": rec["samples_per_s"]}
 
 
-def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int) -> float:
-    """Median step time of one pipeline stage's units alone in this process (one thread)."""
+def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
+                        window: tuple[float, float] | None = None) -> float:
+    """Median step time of one pipeline stage's units alone in this process (one thread), data included.
+
+    Stage 0 builds every step's batch, as its prefetch thread does in the pipeline; a later stage gets random
+    tokens of the right shape. With ``window`` (wall-clock start and end) it steps from start to end instead of
+    ``steps`` times, so two such processes measure each stage while the other one loads the machine."""
     torch.set_num_threads(1)
     blocks = blocks_of_stage(cfg.model.blocks, stages, stage)
     worker = StageWorker(cfg, blocks, device=torch.device("cpu"))
-    batch = next(train_batches(cfg, replica=0, replicas=1, start_step=0, start=Position(), stats=DataStats()))
+    batches = train_batches(cfg, replica=0, replicas=1, start_step=0, start=Position(), stats=DataStats())
     drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
     visible = visible_counts(cfg.model.num_patches, cfg.masking.mask_ratio, drops)
     tokens = None
     if blocks[0] > 0:
-        tokens = torch.randn(batch.images.shape[0], 1 + visible[blocks[0] - 1], cfg.model.embed_dim)
-    times = []
-    for step in range(steps + 1):
+        tokens = torch.randn(cfg.data.batch_size, 1 + visible[blocks[0] - 1], cfg.model.embed_dim)
+    times: list[float] = []
+    step = 0
+    if window is not None:
+        time.sleep(max(0.0, window[0] - time.time()))
+    while step <= steps if window is None else (time.time() < window[1] or len(times) < 3):
         t0 = time.perf_counter()
+        batch = next(batches)
         worker.train_step(step=step, images=batch.images, ids_shuffle=batch.ids_shuffle, tokens=tokens)
         times.append(time.perf_counter() - t0)
+        step += 1
     return statistics.median(times[1:])
+
+
+def isolated_stage_times(args: argparse.Namespace, over: list[str], *, together: bool) -> list[float]:
+    """Both stages' isolated step times, each in a fresh process: one after the other (``together=False``) or
+    both at once for the same wall-clock window (the pipeline's two processes share the machine too)."""
+    def cmd(stage: int, window: list[float] | None) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.throughput", *(["--quick"] if args.quick else []),
+                "--variant", args.variant, "--batch", str(args.batch), "--steps", str(args.final_steps),
+                "--isolated", json.dumps([stage, 2, over, window])]
+
+    def parse(stdout: str) -> float:
+        return json.loads(stdout.strip().splitlines()[-1])["step_s"]
+
+    if not together:
+        return [parse(sh(cmd(stage, None)).stdout) for stage in (0, 1)]
+    start = time.time() + (8.0 if args.quick else 30.0)  # both import torch and build their stage by then
+    window = [start, start + args.window_s]
+    procs = [subprocess.Popen(cmd(stage, window), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env(), cwd=ROOT) for stage in (0, 1)]
+    outs = [p.communicate(timeout=600 + args.window_s) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        if p.returncode != 0:
+            raise RuntimeError(f"isolated stage run failed:\n{err[-3000:]}")
+    return [parse(out) for out, _ in outs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="preset")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=12, help="steps per phase-1 run")
+    parser.add_argument("--final-steps", type=int, default=30, help="steps per phase-2 run")
+    parser.add_argument("--window-s", type=float, default=30.0, help="seconds both stages run together")
     parser.add_argument("--isolated", type=str, default=None, help=argparse_hidden())
     args = parser.parse_args(argv)
     if args.quick:
         cfg_args = [str(ROOT / "tests/assets/tiny.yaml"), "--masking.extra_drop=null", "--data.batch_size=16"]
-        args.rounds, args.steps = 1, 4
+        args.rounds, args.steps, args.final_steps, args.window_s = 1, 4, 4, 2.0
         bim_splits, ds_splits, micro = [None], [None], [2]
         schedules = ["1f1b"]
     else:
@@ -116,9 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         ds_splits, micro = [None, "-1", "+1"], [2, 4, 8]
         schedules = ["1f1b", "gpipe"]
     if args.isolated is not None:  # worker mode: print one stage's isolated step time
-        stage, stages, over = json.loads(args.isolated)
+        stage, stages, over, window = json.loads(args.isolated)
         cfg = load_config(cfg_args[0], [*cfg_args[1:], *over])
-        print(json.dumps({"step_s": isolated_stage_time(cfg, stage, stages, args.steps)}))
+        print(json.dumps({"step_s": isolated_stage_time(cfg, stage, stages, args.steps,
+                                                        window=tuple(window) if window else None)}))
         return 0
     cfg = load_config(cfg_args[0], cfg_args[1:])
     depth = cfg.model.depth
@@ -144,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             contenders[f"(e) DeepSpeed PipelineModule, split {s or 'mid'}, {m} micro"] = (
                 "bimdist.baselines.ds_pipe", ["--microbatches", str(m), *split_arg(s)])
 
-    def run(kind: str, extra: list[str]) -> dict:
+    def run(kind: str, extra: list[str], steps: int) -> dict:
         if kind == "bimdist":
-            return bimdist_run(cfg_args, extra, args.steps + 1)
+            return bimdist_run(cfg_args, extra, steps + 1)
         base = mae_args if kind.startswith("bimdist.baselines") else cfg_args
-        return baseline_run(kind, base, extra, args.steps)
+        return baseline_run(kind, base, extra, steps)
 
     # Phase 1: every configuration once (skipped with --quick: one configuration each).
-    sweep = {} if args.quick else {name: run(kind, extra) for name, (kind, extra) in contenders.items()}
+    sweep = {} if args.quick else {name: run(kind, extra, args.steps) for name, (kind, extra) in contenders.items()}
     best = {}
     for prefix in ("(c)", *(f"(d) torch pipelining {s}" for s in schedules), "(e)"):
         names = [n for n in contenders if n.startswith(prefix)]
@@ -163,37 +201,40 @@ def main(argv: list[str] | None = None) -> int:
     rounds: dict[str, list[dict]] = {n: [] for n in final}
     for _ in range(args.rounds):
         for name, (kind, extra) in final.items():
-            rounds[name].append(run(kind, extra))
+            rounds[name].append(run(kind, extra, args.final_steps))
     med = {n: statistics.median(r["samples_per_s"] for r in rs) for n, rs in rounds.items()}
     c_name = best["(c)"]
     c_extra = contenders[c_name][1]
-    stage_times = []
-    for stage in (0, 1):  # each stage alone in a fresh process, one thread
-        over = [a for a in c_extra if a.startswith("--model.")]
-        out = sh([sys.executable, "-m", "benchmarks.throughput", *(["--quick"] if args.quick else []),
-                  "--variant", args.variant, "--batch", str(args.batch), "--steps", str(args.steps),
-                  "--isolated", json.dumps([stage, 2, over])])
-        stage_times.append(json.loads(out.stdout.strip().splitlines()[-1])["step_s"])
+    over = [a for a in c_extra if a.startswith("--model.")]
+    stage_times = isolated_stage_times(args, over, together=False)
+    loaded_times = isolated_stage_times(args, over, together=True)
     bound = cfg.data.batch_size / max(stage_times)
+    loaded_bound = cfg.data.batch_size / max(loaded_times)
     c, b = med[c_name], med["(b) BIM sequential, 1 process"]
     peers = max(med[best[p]] for p in best if not p.startswith("(c)"))
-    efficiency = c / bound
+    efficiency, loaded_efficiency = c / bound, c / loaded_bound
     c_runs = rounds[c_name]
     idle = {s: statistics.median(r["idle_fraction"][s] for r in c_runs) for s in c_runs[0]["idle_fraction"]}
     record = {"variant": args.variant, "config": cfg_args, "batch": cfg.data.batch_size, "sweep": sweep,
               "best": best, "rounds": rounds, "median_samples_per_s": med,
               "isolated_stage_step_s": stage_times, "slowest_stage_bound_samples_per_s": bound,
-              "efficiency": efficiency, "c_over_b": c / b, "c_over_best_peer": c / peers, "idle_fraction": idle,
+              "efficiency": efficiency, "isolated_together_stage_step_s": loaded_times,
+              "slowest_stage_bound_together_samples_per_s": loaded_bound, "efficiency_together": loaded_efficiency,
+              "steps": {"phase1": args.steps, "phase2": args.final_steps, "together_window_s": args.window_s},
+              "c_over_b": c / b, "c_over_best_peer": c / peers, "idle_fraction": idle,
               "message_bytes_per_step": c_runs[0]["bytes_sent_per_step"], "step_flop": c_runs[0]["step_flop"]}
     rows = [[n, r["samples_per_s"], r["step_s"], "phase 1"] for n, r in sweep.items()]
     rows += [[n, med[n], statistics.median(x["step_s"] for x in rs), f"phase 2 median of {len(rs)}"]
              for n, rs in rounds.items()]
     table = md_table(["contender", "samples/s", "step s", "measured in"], rows)
-    table += (f"\n\nBatch {cfg.data.batch_size}, one torch thread per process. "
-              f"Isolated stage step times {[round(t, 3) for t in stage_times]} s -> slowest-stage bound "
-              f"{bound:.1f} samples/s. Stage idle fractions in (c): "
-              f"{ {s: round(v, 3) for s, v in idle.items()} }.\n"
-              f"- pipeline efficiency (c)/bound: {verdict(efficiency, 0.97)}\n"
+    table += (f"\n\nBatch {cfg.data.batch_size}, one torch thread per process; phase-1 runs {args.steps} steps, "
+              f"phase-2 runs {args.final_steps}. Isolated stage step times (batch building included), each stage "
+              f"alone: {[round(t, 3) for t in stage_times]} s -> slowest-stage bound {bound:.1f} samples/s; both "
+              f"stages at once for {args.window_s:.0f} s without communicating (the pipeline's two processes share "
+              f"the machine too): {[round(t, 3) for t in loaded_times]} s -> {loaded_bound:.1f} samples/s. "
+              f"Stage idle fractions in (c): { {s: round(v, 3) for s, v in idle.items()} }.\n"
+              f"- pipeline efficiency (c)/bound, stages measured alone: {verdict(efficiency, 0.97)}\n"
+              f"- pipeline efficiency (c)/bound, stages measured together: {verdict(loaded_efficiency, 0.97)}\n"
               f"- (c)/(b): {verdict(c / b, 1.9)}\n"
               f"- (c)/best of (d),(e) [{max((best[p] for p in best if not p.startswith('(c)')), key=med.get)}]: "
               f"{verdict(c / peers, 1.3)}")
@@ -202,8 +243,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def argparse_hidden() -> str:
-    import argparse
-
     return argparse.SUPPRESS
 
 

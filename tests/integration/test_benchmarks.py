@@ -52,6 +52,7 @@ def test_throughput_quick(tmp_path):
     assert any(k.startswith("(d)") for k in r["median_samples_per_s"])
     assert any(k.startswith("(e)") for k in r["median_samples_per_s"])
     assert len(r["isolated_stage_step_s"]) == 2 and r["efficiency"] > 0
+    assert len(r["isolated_together_stage_step_s"]) == 2 and r["efficiency_together"] > 0
     assert set(r["idle_fraction"]) == {"0", "1"} or set(r["idle_fraction"]) == {0, 1}
 
 
