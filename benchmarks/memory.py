@@ -95,13 +95,14 @@ def measure_contenders(cfg_name: str, common: list[str], batch: int, stage_count
     mae_cfg = load_config(cfg_name, [*common, "--method=mae"])
     mae = run_peaks(cfg_name, [*common, "--method=mae"], tmp / "mae")[0]
     seq = run_peaks(cfg_name, common, tmp / "bim")[0]
-    per_unit = saved_activation_bytes(load_config(cfg_name, common), batch)
+    bim_cfg = load_config(cfg_name, common)
+    per_unit = saved_activation_bytes(bim_cfg, batch)
     out: dict = {
         "mae": {"peak_bytes": peak_bytes(mae), "saved_bytes": saved_activation_bytes(mae_cfg, batch)[0],
                 "step_flop": step_flop(mae_cfg, batch)},
         "bim_sequential": {"peak_bytes": peak_bytes(seq), "saved_bytes": max(per_unit),
                            "saved_bytes_per_block": per_unit,
-                           "step_flop": step_flop(load_config(cfg_name, common), batch)},
+                           "step_flop": step_flop(bim_cfg, batch)},
         "pipelines": {},
     }
     for stages in stage_counts:

@@ -29,6 +29,12 @@ def batch_slices(n: int, chunks: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def _run_slices(fn: SliceLoss, h: torch.Tensor, slices: list[slice]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and concatenated prediction [N, L, p*p*C] of ``fn`` over ``slices`` of ``h``."""
+    losses, preds = zip(*(fn(h[rows], rows) for rows in slices))
+    return torch.stack(losses).sum(), torch.cat(preds)
+
+
 class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, fn: SliceLoss, chunks: int, *params: torch.Tensor):  # noqa: ANN205
@@ -37,14 +43,10 @@ class _ChunkedLoss(torch.autograd.Function):
         ctx.autocast = torch.is_autocast_enabled(h.device.type)
         ctx.autocast_dtype = torch.get_autocast_dtype(h.device.type)
         ctx.save_for_backward(h, *params)
-        losses, preds, h_in = [], [], h.detach()  # detached: hooks (the flop counter's) see a plain tensor
-        for rows in ctx.slices:
-            loss, pred = fn(h_in[rows], rows)  # no graph: a Function's forward runs without grad
-            losses.append(loss)
-            preds.append(pred)
-        pred = torch.cat(preds)  # [N, L, p*p*C]
+        # no graph: a Function's forward runs without grad; detached so hooks (the flop counter's) see a plain tensor
+        loss, pred = _run_slices(fn, h.detach(), ctx.slices)
         ctx.mark_non_differentiable(pred)
-        return torch.stack(losses).sum(), pred
+        return loss, pred
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_pred: torch.Tensor | None):  # noqa: ANN205
@@ -76,6 +78,5 @@ def chunked_loss(fn: SliceLoss, h: torch.Tensor, params: Sequence[torch.Tensor],
     ``fn`` must be deterministic (it runs again in backward) and use no parameters other than ``params``.
     """
     if not torch.is_grad_enabled():
-        losses, preds = zip(*(fn(h[rows], rows) for rows in batch_slices(h.shape[0], chunks)))
-        return torch.stack(losses).sum(), torch.cat(preds)
+        return _run_slices(fn, h, batch_slices(h.shape[0], chunks))
     return _ChunkedLoss.apply(h, fn, chunks, *params)
