@@ -6,7 +6,9 @@ with DeepSpeed's PipelineModule. Targets: pipeline efficiency >= 0.97; (c)/(b) >
 Phase 1 sweeps every peer's configuration once (split point, microbatches; BIM's layer split) and reports every
 point. Phase 2 runs the best configuration of each contender side by side, alternating, for ``--rounds``
 rounds; medians and ratios come from phase 2. Efficiency = measured (c) / slowest-stage bound, where the bound is
-1 / the largest per-stage step time measured in isolation (each stage alone in one process, same inputs).
+1 / the largest per-stage step time measured in isolation (each stage without communication in its own process,
+stage 0 building its batches). It is reported twice: the stages timed one after the other, and both at once for
+the same wall-clock window (the pipeline's two processes share the machine too).
 
     python -m benchmarks.throughput [--variant preset|light] [--rounds 3]
     python -m benchmarks.throughput --quick
@@ -124,7 +126,13 @@ def isolated_stage_times(args: argparse.Namespace, over: list[str], *, together:
     window = [start, start + args.window_s]
     procs = [subprocess.Popen(cmd(stage, window), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env(), cwd=ROOT) for stage in (0, 1)]
-    outs = [p.communicate(timeout=600 + args.window_s) for p in procs]
+    try:
+        outs = [p.communicate(timeout=600 + args.window_s) for p in procs]
+    finally:
+        for p in procs:  # a stage that failed or hung must not outlive the benchmark
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, (_, err) in zip(procs, outs):
         if p.returncode != 0:
             raise RuntimeError(f"isolated stage run failed:\n{err[-3000:]}")
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="steps per phase-1 run")
     parser.add_argument("--final-steps", type=int, default=30, help="steps per phase-2 run")
     parser.add_argument("--window-s", type=float, default=30.0, help="seconds both stages run together")
-    parser.add_argument("--isolated", type=str, default=None, help=argparse_hidden())
+    parser.add_argument("--isolated", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         cfg_args = [str(ROOT / "tests/assets/tiny.yaml"), "--masking.extra_drop=null", "--data.batch_size=16"]
@@ -240,10 +248,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{verdict(c / peers, 1.3)}")
     write_results(f"throughput-{args.variant}", record, table, args)
     return 0
-
-
-def argparse_hidden() -> str:
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
