@@ -1,9 +1,12 @@
 """Peak memory per device: (a) end-to-end MAE on one device, (b) sequential BIM on one device, (c) every stage of
 the BIM pipeline, for the same ViT and batch. Targets: (b)/(a) <= 0.5; worst stage of (c)/(a) <= 0.30 at S=4.
 
-Each contender is a real ``bimdist train`` run in fresh processes (synthetic data, a few steps). Two measures:
+Each contender is a real ``bimdist train`` run in fresh processes (synthetic data, a few steps). Three measures:
 - peak RSS above the post-import baseline (from each rank's ``RUN_DIR/ranks/*.json``; on CUDA,
   ``max_memory_allocated``), which includes parameters, optimizer state, transport buffers and the allocator;
+- peak live tensor bytes (``metrics.live_bytes``: every storage the training thread's ops create or touch, from
+  then until it dies), the CPU analogue of ``max_memory_allocated``: parameters, gradients, optimizer state,
+  activations and temporaries, without the C allocator's retained and fragmented memory;
 - bytes of activations saved for backward (autograd's saved-tensor hooks, parameters excluded), which do not
   depend on the allocator: MAE keeps one graph for the whole encoder, BIM one block's graph at a time.
 
@@ -78,7 +81,8 @@ def step_flop(cfg: Config, batch: int) -> float:
 
 def run_peaks(cfg_name: str, overrides: list[str], run_dir: Path) -> list[dict]:
     """Run ``bimdist train`` and return every rank's summary."""
-    cmd = [sys.executable, "-m", "bimdist", "train", cfg_name, f"--run.dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-m", "bimdist", "train", cfg_name, f"--run.dir={run_dir}", *overrides,
+           "--metrics.live_bytes=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -98,9 +102,10 @@ def measure_contenders(cfg_name: str, common: list[str], batch: int, stage_count
     bim_cfg = load_config(cfg_name, common)
     per_unit = saved_activation_bytes(bim_cfg, batch)
     out: dict = {
-        "mae": {"peak_bytes": peak_bytes(mae), "saved_bytes": saved_activation_bytes(mae_cfg, batch)[0],
-                "step_flop": step_flop(mae_cfg, batch)},
-        "bim_sequential": {"peak_bytes": peak_bytes(seq), "saved_bytes": max(per_unit),
+        "mae": {"peak_bytes": peak_bytes(mae), "live_bytes": mae["live_peak_bytes"],
+                "saved_bytes": saved_activation_bytes(mae_cfg, batch)[0], "step_flop": step_flop(mae_cfg, batch)},
+        "bim_sequential": {"peak_bytes": peak_bytes(seq), "live_bytes": seq["live_peak_bytes"],
+                           "saved_bytes": max(per_unit),
                            "saved_bytes_per_block": per_unit,
                            "step_flop": step_flop(bim_cfg, batch)},
         "pipelines": {},
@@ -110,20 +115,22 @@ def measure_contenders(cfg_name: str, common: list[str], batch: int, stage_count
         saved = saved_activation_bytes(load_config(cfg_name, over), batch)
         ranks = run_peaks(cfg_name, over, tmp / f"pipe{stages}")
         out["pipelines"][str(stages)] = [{"stage": r["stage"], "peak_bytes": peak_bytes(r),
-                                          "saved_bytes": saved[r["stage"]]} for r in ranks]
+                                          "live_bytes": r["live_peak_bytes"], "saved_bytes": saved[r["stage"]]}
+                                         for r in ranks]
     return out
 
 
+MEASURES = {"peak": "peak_bytes", "live": "live_bytes", "saved": "saved_bytes"}
+
+
 def ratios(run: dict, a: dict) -> dict[str, float]:
-    """Every contender of ``run`` against the MAE figures ``a``."""
-    return {
-        "bim_over_mae_peak": run["bim_sequential"]["peak_bytes"] / a["peak_bytes"],
-        "bim_over_mae_saved": run["bim_sequential"]["saved_bytes"] / a["saved_bytes"],
-        **{f"worst_stage_S{s}_over_mae_peak": max(r["peak_bytes"] for r in rows) / a["peak_bytes"]
-           for s, rows in run["pipelines"].items()},
-        **{f"worst_stage_S{s}_over_mae_saved": max(r["saved_bytes"] for r in rows) / a["saved_bytes"]
-           for s, rows in run["pipelines"].items()},
-    }
+    """Every contender of ``run`` against the MAE figures ``a``, for each measure."""
+    out = {}
+    for m, key in MEASURES.items():
+        out[f"bim_over_mae_{m}"] = run["bim_sequential"][key] / a[key]
+        for s, rows in run["pipelines"].items():
+            out[f"worst_stage_S{s}_over_mae_{m}"] = max(r[key] for r in rows) / a[key]
+    return out
 
 
 def measure(shape: str, cfg_name: str, base: list[str], batch: int, stage_counts: list[int], steps: int,
@@ -153,16 +160,17 @@ def contender_rows(shape: str, run: dict, a: dict, slices: int) -> list[list]:
     rows.append([shape, f"(b{mark}) BIM sequential, one device", slices, run["bim_sequential"]])
     for s, ranks in run["pipelines"].items():
         rows += [[shape, f"(c{mark}) BIM pipeline S={s}, stage {rk['stage']}", slices, rk] for rk in ranks]
-    return [[sh, name, k, m["peak_bytes"] / GIB, m["peak_bytes"] / a["peak_bytes"], m["saved_bytes"] / GIB,
-             m["saved_bytes"] / a["saved_bytes"]] for sh, name, k, m in rows]
+    return [[sh, name, k, *[x for key in MEASURES.values() for x in (m[key] / GIB, m[key] / a[key])]]
+            for sh, name, k, m in rows]
 
 
 def targets(q: dict[str, float]) -> str:
+    """(b)/(a) <= 0.5 and the worst S=4 stage / (a) <= 0.30, for each measure."""
     s4 = "worst_stage_S4_over_mae_peak" in q
-    return (f"(b)/(a) peak {verdict(q['bim_over_mae_peak'], 0.5, at_most=True)}, saved "
-            f"{verdict(q['bim_over_mae_saved'], 0.5, at_most=True)}; worst stage at S=4: peak "
-            + (verdict(q["worst_stage_S4_over_mae_peak"], 0.30, at_most=True) if s4 else "n/a") + ", saved "
-            + (verdict(q["worst_stage_S4_over_mae_saved"], 0.30, at_most=True) if s4 else "n/a"))
+    b = ", ".join(f"{m} {verdict(q[f'bim_over_mae_{m}'], 0.5, at_most=True)}" for m in MEASURES)
+    c = ", ".join(f"{m} {verdict(q[f'worst_stage_S4_over_mae_{m}'], 0.30, at_most=True) if s4 else 'n/a'}"
+                  for m in MEASURES)
+    return f"(b)/(a) {b}; worst stage at S=4: {c}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         rows += contender_rows(r["shape"], r, r["mae"], 1)
         rows += contender_rows(r["shape"], r["chunked"], r["mae"], r["decoder_chunks"])
-    table = md_table(["model and batch", "contender", "decoder slices", "peak GiB", "peak / (a)",
-                      "saved activations GiB", "saved / (a)"], rows)
+    table = md_table(["model and batch", "contender", "decoder slices", "peak RSS GiB", "RSS / (a)",
+                      "live tensors GiB", "live / (a)", "saved activations GiB", "saved / (a)"], rows)
     notes = []
     for r in results:
         k, f = r["decoder_chunks"], r["chunked_flop_overhead"]
@@ -192,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"- {r['shape']}, decoders in {k} slices, against MAE with the same slicing (a'): "
                   f"{targets(r['chunked_ratios_vs_chunked_mae'])}; the recomputation costs "
                   f"{f['bim']:+.1%} FLOPs per step for BIM, {f['mae']:+.1%} for MAE"]
-    table += ("\n\nPeak = RSS high-water mark above the post-import baseline on CPU (CUDA: max_memory_allocated); "
-              "it includes parameters and AdamW state. Saved = the most activation bytes autograd holds for backward "
-              "at once (with sliced decoders: the forward's plus the largest slice's recomputation). Primed rows run "
-              "every decoder over slices of the batch and recompute it in backward (`model.decoder_chunks`); the "
-              "gradients are unchanged.\n" + "\n".join(notes))
+    table += ("\n\nPeak RSS = RSS high-water mark above the post-import baseline on CPU (CUDA: "
+              "max_memory_allocated); it includes parameters, gradients and AdamW state, and what the C allocator "
+              "keeps after frees. Live = the most bytes of tensor storage alive at once (`metrics.live_bytes`; on a "
+              "GPU, what max_memory_allocated counts), which does not depend on the allocator. Saved = the most "
+              "activation bytes autograd holds for backward at once (with sliced decoders: the forward's plus the "
+              "largest slice's recomputation). Primed rows run every decoder over slices of the batch and recompute "
+              "it in backward (`model.decoder_chunks`); the gradients are unchanged.\n" + "\n".join(notes))
     write_results("memory", {"results": results}, table, args)
     return 0
 

@@ -155,6 +155,7 @@ class MetricsConfig(Section):
     pushgateway: str | None = Field(None, description="host:port of a Prometheus Pushgateway")
     file_sd_dir: str | None = Field(None, description="folder Prometheus watches for file_sd targets")
     trace: bool = Field(False, description="record compute / wait spans for `bimdist trace merge`")
+    live_bytes: bool = Field(False, description="record peak live tensor bytes per rank (slow; memory benchmarks)")
     peak_tflops: float | None = Field(None, gt=0, description="device peak for MFU (default: known GPUs' bf16)")
 
 

@@ -3,12 +3,15 @@ waits and FLOPs, for people comparing runs and for the benchmarks, which read th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from bimdist.telemetry.livebytes import LiveTensorBytes
 from bimdist.telemetry.progress import StepRecord
 
 
@@ -30,6 +33,17 @@ class RankSummary:
         self.baseline_rss = proc_status_bytes("VmRSS")  # after imports, before the model and data exist
         self.records: list[StepRecord] = []
         self.start_step = 0
+        self.live: LiveTensorBytes | None = None
+
+    @contextlib.contextmanager
+    def tracking(self, enabled: bool) -> Iterator[None]:
+        """Count live tensor bytes inside the block (``metrics.live_bytes``); ``on_end`` reports the peak."""
+        if not enabled:
+            yield
+            return
+        self.live = LiveTensorBytes()
+        with self.live:
+            yield
 
     def on_start(self, start_step: int) -> None:
         self.start_step = start_step
@@ -47,6 +61,7 @@ class RankSummary:
             "exit_code": getattr(result, "exit_code", None),
             "baseline_rss_bytes": self.baseline_rss, "peak_rss_bytes": proc_status_bytes("VmHWM"),
             "cuda_peak_bytes": int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else 0,
+            "live_peak_bytes": self.live.peak if self.live is not None else None,
             "median_step_s": statistics.median(step_s) if step_s else None,
             "median_compute_s": statistics.median(r.compute_s for r in recs) if recs else None,
             "recv_wait_fraction": sum(r.recv_wait_s for r in recs) / total,

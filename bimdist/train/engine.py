@@ -68,10 +68,11 @@ class TorchEngine:
         loss.backward()
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
         skipped = not math.isfinite(norm)  # identical on every replica: gradients are already averaged
-        if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
+        if not skipped:
             self.optimizer.step()
+        # Free the gradients now, not at the next backward: otherwise they sit through the next forward, on top of
+        # its activations. Block-wise, only the unit being stepped then holds gradients at all.
+        self.optimizer.zero_grad(set_to_none=True)
         return StepStats(lr=self.optimizer.param_groups[0]["lr"], grad_norm=norm, skipped=skipped)
 
     def save(self, step: int) -> None:

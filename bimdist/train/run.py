@@ -180,9 +180,10 @@ class RankJob:
         stop.install(cfg.run.preempt_signals)
         timeline = Timeline(run_dir / "trace" / f"stage{coord.stage}_r{coord.replica}.jsonl" if cfg.metrics.trace
                             else None, stage=coord.stage, replica=coord.replica)
-        self.loop = StageLoop(cfg, run_dir, comm=comm, device=device, stop=stop, board=self.board, fresh=fresh,
-                              observers=observers, timeline=timeline)
-        result: StageResult = self.loop.run()
+        with summary.tracking(cfg.metrics.live_bytes):  # from before the model exists, so its params count
+            self.loop = StageLoop(cfg, run_dir, comm=comm, device=device, stop=stop, board=self.board,
+                                  fresh=fresh, observers=observers, timeline=timeline)
+            result: StageResult = self.loop.run()
         if self.loop.last and self.loop.replica == 0 and result.exit_code == EXIT_OK:
             finalize(cfg, run_dir, self.loop.final_step)
         if self.distributed:
