@@ -33,6 +33,7 @@ from bimdist.model.chunked import batch_slices
 from bimdist.model.unit import build_unit, unit_indices
 
 GIB = 2**30
+MEASURES = {"peak": "peak_bytes", "live": "live_bytes", "saved": "saved_bytes"}  # name in the notes -> field
 
 
 def saved_activation_bytes(cfg: Config, batch: int) -> list[int]:
@@ -118,9 +119,6 @@ def measure_contenders(cfg_name: str, common: list[str], batch: int, stage_count
                                           "live_bytes": r["live_peak_bytes"], "saved_bytes": saved[r["stage"]]}
                                          for r in ranks]
     return out
-
-
-MEASURES = {"peak": "peak_bytes", "live": "live_bytes", "saved": "saved_bytes"}
 
 
 def ratios(run: dict, a: dict) -> dict[str, float]:

@@ -4,11 +4,11 @@ Peak RSS on CPU also counts memory the C allocator keeps after tensors are freed
 moves by a few percent from run to run and with the allocation order. This counts only tensor storages, from
 the moment an op creates or touches one until its last reference dies, so it does not depend on the allocator.
 
-Hand-written because torch's ``MemTracker`` (``torch.distributed._tools``) refuses repeated iterations of the
-same modules and was about 10x slower on a ViT-B step here. A Python hook runs for every op, so this is opt-in
-(``metrics.live_bytes``) and meant for memory benchmarks, not for timing. A dispatch mode sees only the ops
-of the thread that entered it: a tensor built on another thread (a prefetched batch, a received message)
-counts from the first op this thread runs on it.
+Hand-written because torch's ``MemTracker`` (``torch.distributed._tools``) raises on the second forward of a
+module ("multiple iterative calls"), so it cannot watch a training run. A Python hook runs for every op, so
+this is opt-in (``metrics.live_bytes``) and meant for memory benchmarks, not for timing. A dispatch mode sees
+only the ops of the thread that entered it: a tensor built on another thread (a prefetched batch, a received
+message) counts from the first op this thread runs on it.
 """
 
 from __future__ import annotations
