@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from bimdist.config import load_config
-from bimdist.data.batches import train_batches
+from bimdist.data.batches import Augment, train_batches
 from bimdist.data.prepare import FASHION_MNIST_DIR, PrepareError, prepare_fashion_mnist, prepare_folder, read_idx
 from bimdist.data.stream import DataError, DataStats, Position, ShardStream, decode
 from tests.conftest import FMNIST_MINI, TINY
@@ -122,3 +122,15 @@ def test_synthetic_replicas_split_the_global_batch():
               for r in (0, 1)]
     assert torch.equal(torch.cat([h.images for h in halves]), whole.images)
     assert torch.equal(torch.cat([h.ids_shuffle for h in halves]), whole.ids_shuffle)
+
+
+def test_augment_is_a_function_of_the_sample_seed_and_leaves_global_rng_alone():
+    img = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = Augment(28, scale=(0.2, 1.0), hflip=True)
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    views = [aug(img, seed) for seed in (1, 2, 1)]
+    assert torch.rand(4).equal(expected_next)  # the caller's random stream is unchanged
+    assert views[0].equal(views[2]) and not views[0].equal(views[1])
+    assert views[0].shape == img.shape and views[0].dtype == torch.uint8
