@@ -64,8 +64,7 @@ class TorchEngine:
 
     def backward_step(self, loss: torch.Tensor, step: int) -> StepStats:
         self.scheduler.step_update(step + 1)  # step + 1: the first step already trains
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # gradients start from None: every call ends by freeing them
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
         skipped = not math.isfinite(norm)  # identical on every replica: gradients are already averaged
         if not skipped:
