@@ -3,6 +3,11 @@
 (d) end-to-end MAE over the same 2 processes with torch.distributed.pipelining (1F1B and GPipe), (e) the same
 with DeepSpeed's PipelineModule. Targets: pipeline efficiency >= 0.97; (c)/(b) >= 1.9; (c) >= 1.3x best(d, e).
 
+Every process is bound to one core of its own (``pipeline.bind_cores``; the single-process contenders get one
+core in all), and whatever builds a contender's batches runs on its own cores and counts in its time: bimdist's
+prefetch thread shares stage 0's core, DeepSpeed builds them inside ``train_batch`` and the torch pipelining
+baseline's rank 0 inside its timed step. So no contender gets a free core for its data.
+
 Phase 1 sweeps every peer's configuration once (split point, microbatches; BIM's layer split) and reports every
 point. Phase 2 runs the best configuration of each contender side by side, alternating, for ``--rounds``
 rounds; medians and ratios come from phase 2. Efficiency = measured (c) / slowest-stage bound, where the bound is
@@ -32,6 +37,7 @@ from benchmarks.common import ROOT, base_parser, md_table, verdict, write_result
 from bimdist.config import Config, load_config, visible_counts
 from bimdist.data.batches import train_batches
 from bimdist.data.stream import DataStats, Position
+from bimdist.dist.env import usable_cores
 from bimdist.dist.topology import blocks_of_stage
 from bimdist.train.worker import StageWorker
 
@@ -48,8 +54,17 @@ def env() -> dict[str, str]:
     return e
 
 
-def sh(cmd: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+def cores_for(processes: int) -> list[int]:
+    """The first ``processes`` usable cores: one per process, whatever the machine's size."""
+    cores = usable_cores()
+    if len(cores) < processes:
+        raise SystemExit(f"throughput needs {processes} usable cores, this process may use {cores}")
+    return cores[:processes]
+
+
+def sh(cmd: list[str], *, cores: list[int], timeout: float = 1800) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     return proc
@@ -57,9 +72,10 @@ def sh(cmd: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
 
 def bimdist_run(cfg_args: list[str], extra: list[str], steps: int) -> dict:
     """A real ``bimdist train`` run; throughput from the last stage's steady-state step interval."""
+    stages = 2 if "--pipeline.stages=2" in extra else 1
     with tempfile.TemporaryDirectory() as tmp:
         sh([sys.executable, "-m", "bimdist", "train", *cfg_args, *extra, f"--run.dir={tmp}", f"--run.steps={steps}",
-            "--pipeline.threads=1", "--run.recon_png=false", "--checkpoint.keep=1"])
+            "--pipeline.threads=1", "--run.recon_png=false", "--checkpoint.keep=1"], cores=cores_for(stages))
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp, "ranks").glob("stage*_r0.json"))]
     ranks.sort(key=lambda r: r["stage"])
     last = ranks[-1]
@@ -75,7 +91,7 @@ def baseline_run(module: str, cfg_args: list[str], extra: list[str], steps: int)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module,
-            *cfg_args, "--steps", str(steps), "--warmup", "2", "--json", str(out), *extra])
+            *cfg_args, "--steps", str(steps), "--warmup", "2", "--json", str(out), *extra], cores=cores_for(2))
         rec = json.loads(out.read_text())
     return {"step_s": rec["median_step_s"], "samples_per_s": rec["samples_per_s"]}
 
@@ -121,11 +137,12 @@ def isolated_stage_times(args: argparse.Namespace, over: list[str], *, together:
         return json.loads(stdout.strip().splitlines()[-1])["step_s"]
 
     if not together:
-        return [parse(sh(cmd(stage, None)).stdout) for stage in (0, 1)]
+        return [parse(sh(cmd(stage, None), cores=cores_for(1)).stdout) for stage in (0, 1)]
     start = time.time() + (8.0 if args.quick else 30.0)  # both import torch and build their stage by then
     window = [start, start + args.window_s]
     procs = [subprocess.Popen(cmd(stage, window), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env(), cwd=ROOT) for stage in (0, 1)]
+                              env=env(), cwd=ROOT, preexec_fn=lambda c=core: os.sched_setaffinity(0, [c]))
+             for stage, core in enumerate(cores_for(2))]
     try:
         outs = [p.communicate(timeout=600 + args.window_s) for p in procs]
     finally:
@@ -150,13 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolated", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        cfg_args = [str(ROOT / "tests/assets/tiny.yaml"), "--masking.extra_drop=null", "--data.batch_size=16"]
+        cfg_args = [str(ROOT / "tests/assets/tiny.yaml"), "--masking.extra_drop=null", "--data.batch_size=16",
+                    "--pipeline.bind_cores=true"]
         args.rounds, args.steps, args.final_steps, args.window_s = 1, 4, 4, 2.0
         bim_splits, ds_splits, micro = [None], [None], [2]
         schedules = ["1f1b"]
     else:
         cfg_args = ["fmnist-tiny", *VARIANTS[args.variant], "--data.source=synthetic",
-                    f"--data.batch_size={args.batch}"]
+                    f"--data.batch_size={args.batch}", "--pipeline.bind_cores=true"]
         bim_splits = [None, "[2,3,4,3]", "[2,2,4,4]", "[3,4,3,2]"]  # stage 0 holds 6, 5, 4, 7 of the 12 layers
         ds_splits, micro = [None, "-1", "+1"], [2, 4, 8]
         schedules = ["1f1b", "gpipe"]
@@ -235,11 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     rows += [[n, med[n], statistics.median(x["step_s"] for x in rs), f"phase 2 median of {len(rs)}"]
              for n, rs in rounds.items()]
     table = md_table(["contender", "samples/s", "step s", "measured in"], rows)
-    table += (f"\n\nBatch {cfg.data.batch_size}, one torch thread per process; phase-1 runs {args.steps} steps, "
-              f"phase-2 runs {args.final_steps}. Isolated stage step times (batch building included), each stage "
-              f"alone: {[round(t, 3) for t in stage_times]} s -> slowest-stage bound {bound:.1f} samples/s; both "
-              f"stages at once for {args.window_s:.0f} s without communicating (the pipeline's two processes share "
-              f"the machine too): {[round(t, 3) for t in loaded_times]} s -> {loaded_bound:.1f} samples/s. "
+    table += (f"\n\nBatch {cfg.data.batch_size}, one torch thread and one core per process (its data work "
+              f"included); phase-1 runs {args.steps} steps, phase-2 runs {args.final_steps}. Isolated stage step "
+              f"times (batch building included), each stage alone: {[round(t, 3) for t in stage_times]} s -> "
+              f"slowest-stage bound {bound:.1f} samples/s; both stages at once for {args.window_s:.0f} s without "
+              f"communicating, each on its own core: {[round(t, 3) for t in loaded_times]} s -> "
+              f"{loaded_bound:.1f} samples/s. "
               f"Stage idle fractions in (c): { {s: round(v, 3) for s, v in idle.items()} }.\n"
               f"- pipeline efficiency (c)/bound, stages measured alone: {verdict(efficiency, 0.97)}\n"
               f"- pipeline efficiency (c)/bound, stages measured together: {verdict(loaded_efficiency, 0.97)}\n"

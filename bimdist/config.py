@@ -144,6 +144,7 @@ class PipelineConfig(Section):
     peer_timeout_s: float = Field(120.0, gt=0, le=3600, description="silence after which a peer is dead")
     startup_timeout_s: float = Field(600.0, gt=0, description="wait for the first message / rendezvous")
     threads: int | None = Field(None, gt=0, description="torch threads per process (default: cores / procs)")
+    bind_cores: bool = Field(False, description="CPU: pin each local process to its own cores / procs slice")
     engine: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: str | dict[str, Any] | None = None
 

@@ -10,11 +10,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from bimdist.config import Config, load_config
 from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataStats, Position
+from bimdist.dist.env import set_cpu_threads
 
 
 def parse(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -41,9 +40,11 @@ def default_split(depth: int) -> int:
     return 1 + depth // 2
 
 
-def set_threads() -> None:
+def set_threads(cfg: Config) -> None:
+    """The trainer's CPU thread and core-binding rules (``pipeline.threads``, ``pipeline.bind_cores``)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    set_cpu_threads(local, cfg.pipeline.threads, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                    bind=cfg.pipeline.bind_cores)
 
 
 class Timer:

@@ -38,7 +38,7 @@ class SplitPipelineModule(PipelineModule):
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     args, cfg = parse(__doc__.splitlines()[1], argv)
-    set_threads()
+    set_threads(cfg)
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
     if dist.get_world_size() != 2:
         print("ds_pipe runs on exactly 2 ranks", file=sys.stderr)

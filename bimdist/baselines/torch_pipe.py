@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--schedule must be one of {sorted(SCHEDULES)}", file=sys.stderr)
         return 2
     args, cfg = parse(__doc__.splitlines()[1], argv)
-    set_threads()
+    set_threads(cfg)
     dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != 2:
@@ -47,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     stream = batches(cfg)
     timer, losses = Timer(), []
     for _ in range(args.warmup + args.steps):
-        batch = next(stream)  # both ranks draw the same deterministic batch; rank 1 only needs its labels
+        # Both ranks draw the same deterministic batch. Rank 0 builds it inside the timed step, as DeepSpeed's
+        # train_batch and bimdist's stage 0 do; rank 1 only needs its labels and gets them untimed.
+        batch = next(stream) if rank == 1 else None
         dist.barrier()
         timer.start()
+        if rank == 0:
+            batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
         if rank == 0:
             schedule.step(batch.images, batch.ids_shuffle)

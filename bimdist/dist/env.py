@@ -92,11 +92,20 @@ def detect(env: Mapping[str, str] | None = None, *, local_rank_arg: int | None =
     return None
 
 
-def usable_cores() -> int:
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity mask, e.g. a Slurm or taskset allocation)."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def core_slice(cores: list[int], local_rank: int, local_processes: int) -> list[int]:
+    """This local rank's share of ``cores``: consecutive and disjoint from the other local ranks' shares while
+    there are enough cores; with more processes than cores, one core each, round robin."""
+    per = max(1, len(cores) // max(1, local_processes))
+    start = (local_rank * per) % len(cores)
+    return cores[start : start + per]
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -116,8 +125,19 @@ def pick_backend(choice: str, device: torch.device) -> str:
     return choice
 
 
-def set_cpu_threads(local_processes: int, requested: int | None) -> int:
-    """Keep local processes x torch threads within the cores, or a CPU pipeline thrashes."""
-    threads = requested or max(1, usable_cores() // max(1, local_processes))
+def set_cpu_threads(local_processes: int, requested: int | None, *, local_rank: int = 0,
+                    bind: bool = False) -> tuple[int, list[int]]:
+    """Keep local processes x torch threads within the cores, or a CPU pipeline thrashes.
+
+    With ``bind`` the process is pinned to its own slice of the cores before any thread starts, so its torch,
+    data and communication threads all inherit that slice (a stage's data work then costs its own cores, not a
+    neighbour's). Returns the torch thread count and the cores this process may use."""
+    cores = usable_cores()
+    if bind:
+        cores = core_slice(cores, local_rank, local_processes)
+        os.sched_setaffinity(0, cores)
+        threads = requested or len(cores)
+    else:
+        threads = requested or max(1, len(cores) // max(1, local_processes))
     torch.set_num_threads(threads)
-    return threads
+    return threads, cores

@@ -149,8 +149,10 @@ class RankJob:
         coord = topo.coord(env.rank)
         device = pick_device(cfg.pipeline.device, env.local_rank)
         if device.type == "cpu":
-            threads = set_cpu_threads(env.local_world_size, cfg.pipeline.threads)
-            log.info("cpu device: %d torch threads for %d local processes", threads, env.local_world_size)
+            threads, cores = set_cpu_threads(env.local_world_size, cfg.pipeline.threads,
+                                             local_rank=env.local_rank, bind=cfg.pipeline.bind_cores)
+            log.info("cpu device: %d torch threads for %d local processes, %s cores %s", threads,
+                     env.local_world_size, "bound to" if cfg.pipeline.bind_cores else "may use", cores)
         run_dir = prepare_run_dir(cfg, write=env.rank == 0)
         if env.rank == 0:
             if env.launcher != "bimdist":  # the spawner already printed it

@@ -35,10 +35,14 @@ def _assert_clean_drain(proc, world):
 
 @pytest.mark.parametrize("stages", [2, 4])
 def test_pipeline_equals_sequential_exactly(sequential, tmp_path, stages):
+    """With stages bound to cores (round robin when there are more stages than cores): binding moves no bit."""
     proc = cli("train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", f"--pipeline.stages={stages}",
-               "--pipeline.threads=1", timeout=240)
+               "--pipeline.threads=1", "--pipeline.bind_cores=true", timeout=240)
     _assert_clean_drain(proc, stages)
     assert "1 torch threads" in proc.stderr
+    bound = [int(c) for c in re.findall(r"bound to cores \[(\d+)\]", proc.stderr)]
+    cores = sorted(os.sched_getaffinity(0))
+    assert len(bound) == stages and set(bound) == set(cores[:stages]), proc.stderr[-3000:]
     assert same_weights(sequential, tmp_path, STEPS), f"weights differ at S={stages}"
 
 
