@@ -52,10 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         batch = next(stream) if rank == 1 else None
         dist.barrier()
         timer.start()
-        if rank == 0:
-            batch = next(stream)
         optimizer.zero_grad(set_to_none=True)
         if rank == 0:
+            batch = next(stream)
             schedule.step(batch.images, batch.ids_shuffle)
         else:
             micro_losses: list[torch.Tensor] = []

@@ -134,6 +134,9 @@ def set_cpu_threads(local_processes: int, requested: int | None, *, local_rank: 
     neighbour's). Returns the torch thread count and the cores this process may use."""
     cores = usable_cores()
     if bind:
+        if not hasattr(os, "sched_setaffinity"):
+            raise LaunchError("pipeline.bind_cores needs Linux CPU affinity, which this OS lacks; "
+                              "set pipeline.bind_cores=false")
         cores = core_slice(cores, local_rank, local_processes)
         os.sched_setaffinity(0, cores)
         threads = requested or len(cores)
