@@ -10,10 +10,12 @@ baseline's rank 0 inside its timed step. So no contender gets a free core for it
 
 Phase 1 sweeps every peer's configuration once (split point, microbatches; BIM's layer split) and reports every
 point. Phase 2 runs the best configuration of each contender side by side, alternating, for ``--rounds``
-rounds; medians and ratios come from phase 2. Efficiency = measured (c) / slowest-stage bound, where the bound is
-1 / the largest per-stage step time measured in isolation (each stage without communication in its own process,
-stage 0 building its batches). It is reported twice: the stages timed one after the other, and both at once for
-the same wall-clock window (the pipeline's two processes share the machine too).
+rounds; medians (over rounds) and ratios come from phase 2. Each run's rate is a mean: samples over the total
+time of its timed steps, and for the pipeline that of its slowest stage. Efficiency = measured (c) /
+slowest-stage bound, where the bound is 1 / the largest per-stage mean step time measured in isolation (each
+stage without communication in its own process, stage 0 building its batches). It is reported twice: the
+stages timed one after the other, and both at once for the same wall-clock window (the pipeline's two
+processes share the machine too).
 
     python -m benchmarks.throughput [--variant preset|light] [--rounds 3]
     python -m benchmarks.throughput --quick
@@ -71,17 +73,19 @@ def sh(cmd: list[str], *, cores: list[int], timeout: float = 1800) -> subprocess
 
 
 def bimdist_run(cfg_args: list[str], extra: list[str], steps: int) -> dict:
-    """A real ``bimdist train`` run; throughput from the last stage's steady-state step interval."""
+    """A real ``bimdist train`` run. Its rate is the slowest stage's: samples over the total time of its steps
+    after the first. Not the last stage's median step: that stage starts one step behind and catches up from
+    its queue at its own pace, so its median interval can be shorter than the pipeline's real one."""
     stages = 2 if "--pipeline.stages=2" in extra else 1
     with tempfile.TemporaryDirectory() as tmp:
         sh([sys.executable, "-m", "bimdist", "train", *cfg_args, *extra, f"--run.dir={tmp}", f"--run.steps={steps}",
             "--pipeline.threads=1", "--run.recon_png=false", "--checkpoint.keep=1"], cores=cores_for(stages))
         ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp, "ranks").glob("stage*_r0.json"))]
     ranks.sort(key=lambda r: r["stage"])
-    last = ranks[-1]
     batch = int(next(a.split("=", 1)[1] for a in reversed(cfg_args) if a.startswith("--data.batch_size=")))
-    # median-based like the baselines: batch / median steady-state step interval of the last stage
-    return {"step_s": last["median_step_s"], "samples_per_s": batch / last["median_step_s"],
+    rate = min(r["samples_per_s"] for r in ranks)
+    return {"step_s": batch / rate, "samples_per_s": rate,
+            "stage_samples_per_s": {r["stage"]: r["samples_per_s"] for r in ranks},
             "idle_fraction": {r["stage"]: r["idle_fraction"] for r in ranks},
             "bytes_sent_per_step": {r["stage"]: r["bytes_sent"] / max(1, r["steps"]) for r in ranks},
             "step_flop": {r["stage"]: r["step_flop"] for r in ranks}}
@@ -98,7 +102,8 @@ def baseline_run(module: str, cfg_args: list[str], extra: list[str], steps: int)
 
 def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
                         window: tuple[float, float] | None = None) -> float:
-    """Median step time of one pipeline stage's units alone in this process (one thread), data included.
+    """Mean step time (after the first) of one pipeline stage's units alone in this process (one thread), data
+    included.
 
     Stage 0 builds every step's batch, as its prefetch thread does in the pipeline; a later stage gets random
     tokens of the right shape. With ``window`` (wall-clock start and end) it steps from start to end instead of
@@ -122,7 +127,7 @@ def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
         worker.train_step(step=step, images=batch.images, ids_shuffle=batch.ids_shuffle, tokens=tokens)
         times.append(time.perf_counter() - t0)
         step += 1
-    return statistics.median(times[1:])
+    return statistics.fmean(times[1:])
 
 
 def isolated_stage_times(args: argparse.Namespace, over: list[str], *, together: bool) -> list[float]:
@@ -254,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
              for n, rs in rounds.items()]
     table = md_table(["contender", "samples/s", "step s", "measured in"], rows)
     table += (f"\n\nBatch {cfg.data.batch_size}, one torch thread and one core per process (its data work "
-              f"included); phase-1 runs {args.steps} steps, phase-2 runs {args.final_steps}. Isolated stage step "
-              f"times (batch building included), each stage alone: {[round(t, 3) for t in stage_times]} s -> "
+              f"included); phase-1 runs {args.steps} steps, phase-2 runs {args.final_steps}. A run's rate is its "
+              "samples over the total time of its timed steps (the pipeline's: its slowest stage's). Isolated "
+              "stage mean step times (batch building included), each stage alone: "
+              f"{[round(t, 3) for t in stage_times]} s -> "
               f"slowest-stage bound {bound:.1f} samples/s; both stages at once for {args.window_s:.0f} s without "
               f"communicating, each on its own core: {[round(t, 3) for t in loaded_times]} s -> "
               f"{loaded_bound:.1f} samples/s. "
