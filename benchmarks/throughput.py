@@ -105,9 +105,11 @@ def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
     """Mean step time (after the first) of one pipeline stage's units alone in this process (one thread), data
     included.
 
-    Stage 0 builds every step's batch, as its prefetch thread does in the pipeline; a later stage gets random
-    tokens of the right shape. With ``window`` (wall-clock start and end) it steps from start to end instead of
-    ``steps`` times, so two such processes measure each stage while the other one loads the machine."""
+    Stage 0 builds every step's batch inside the timed step, as its prefetch thread does in the pipeline; a later
+    stage gets random tokens of the right shape, and its images are built before its timer starts, since in the
+    pipeline they arrive with the tokens. With ``window`` (wall-clock start and end) it steps from start to end
+    instead of ``steps`` times, so two such processes measure each stage while the other one loads the
+    machine."""
     torch.set_num_threads(1)
     blocks = blocks_of_stage(cfg.model.blocks, stages, stage)
     worker = StageWorker(cfg, blocks, device=torch.device("cpu"))
@@ -122,8 +124,11 @@ def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
     if window is not None:
         time.sleep(max(0.0, window[0] - time.time()))
     while step <= steps if window is None else (time.time() < window[1] or len(times) < 3):
+        if blocks[0] > 0:
+            batch = next(batches)
         t0 = time.perf_counter()
-        batch = next(batches)
+        if blocks[0] == 0:
+            batch = next(batches)
         worker.train_step(step=step, images=batch.images, ids_shuffle=batch.ids_shuffle, tokens=tokens)
         times.append(time.perf_counter() - t0)
         step += 1
