@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 from bimdist.config import Config, load_config
 from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataStats, Position
-from bimdist.dist.env import set_cpu_threads
+from bimdist.dist.env import detect, set_cpu_threads
 
 
 def parse(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -42,9 +41,9 @@ def default_split(depth: int) -> int:
 
 def set_threads(cfg: Config) -> None:
     """The trainer's CPU thread and core-binding rules (``pipeline.threads``, ``pipeline.bind_cores``)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    set_cpu_threads(local, cfg.pipeline.threads, local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                    bind=cfg.pipeline.bind_cores)
+    found = detect()  # the trainer's launcher detection: torchrun, deepspeed, srun or none
+    local_rank, local = (found.local_rank, found.local_world_size) if found else (0, 1)
+    set_cpu_threads(local, cfg.pipeline.threads, local_rank=local_rank, bind=cfg.pipeline.bind_cores)
 
 
 class Timer:

@@ -35,3 +35,21 @@ def test_binding_pins_the_process_and_sizes_torch_threads_to_its_slice():
     assert got["threads"] == got["torch"] == 1
     free = _threads_in_child("1", "0", "0")  # unbound: the whole mask stays, threads = cores / processes
     assert free["affinity"] == cores and free["threads"] == free["torch"] == len(cores)
+
+
+def test_baselines_bind_by_the_launchers_local_rank_under_srun():
+    """The baselines use the trainer's launcher detection: an srun task has no LOCAL_RANK, only SLURM_LOCALID."""
+    cores = sorted(os.sched_getaffinity(0))
+    code = ("import json, os, torch; from bimdist.config import load_config; "
+            "from bimdist.baselines.common import set_threads; "
+            "set_threads(load_config('fmnist-tiny', ['--pipeline.bind_cores=true'])); "
+            "print(json.dumps({'affinity': sorted(os.sched_getaffinity(0)), 'torch': torch.get_num_threads()}))")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(SLURM_STEP_ID="0", SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="1",
+               SLURM_STEP_TASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["affinity"] == core_slice(cores, 1, 2)
+    assert got["torch"] == len(got["affinity"])
