@@ -62,7 +62,10 @@ def test_kill_9_under_torchrun_restarts_and_matches(reference, tmp_path):
              "-m", "bimdist", "train", *COMMON, f"--run.dir={tmp_path / 'run'}", "--checkpoint.every=50"],
             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
-        assert wait_for(lambda: "progress stage=1 replica=0 step=200/" in log.read_text(), 180), log.read_text()
+        # Kill once both stages have logged their step-200 checkpoint (logged after it is complete), not on the
+        # step-200 progress line: that one comes before the checkpoint is written, so a kill there could resume at 150.
+        saved = [f"checkpoint stage={s} replica=0 step=200 " for s in (0, 1)]
+        assert wait_for(lambda: all(m in log.read_text() for m in saved), 180), log.read_text()
         ranks = ranks_of(job.pid)
         assert sorted(ranks) == [0, 1]
         os.kill(ranks[1], signal.SIGKILL)
