@@ -62,10 +62,10 @@ def report(args: argparse.Namespace, cfg: Config, *, name: str, times: list[floa
            extra: dict) -> dict:
     # The rate is samples over the timed steps' total time (not batch / median step): a throughput is a mean,
     # and bimdist's own runs are reported the same way.
+    mean = statistics.fmean(times)
     record = {"contender": name, "split": args.split, "microbatches": args.microbatches,
               "batch_size": cfg.data.batch_size, "step_s": times, "median_step_s": statistics.median(times),
-              "mean_step_s": statistics.fmean(times),
-              "samples_per_s": cfg.data.batch_size / statistics.fmean(times), "losses": losses, **extra}
+              "mean_step_s": mean, "samples_per_s": cfg.data.batch_size / mean, "losses": losses, **extra}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=1))
