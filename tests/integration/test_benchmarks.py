@@ -57,6 +57,11 @@ def test_throughput_quick(tmp_path):
     assert any(k.startswith("(e)") for k in r["median_samples_per_s"])
     assert len(r["isolated_stage_step_s"]) == 2 and r["efficiency"] > 0
     assert len(r["isolated_together_stage_step_s"]) == 2 and r["efficiency_together"] > 0
+    # the bound is measured in every round (--quick runs one), and the efficiency is that round's
+    rounds = len(r["rounds"]["(a) MAE, 1 process"])
+    assert len(r["isolated_stage_step_s_by_round"]) == len(r["isolated_together_stage_step_s_by_round"]) == rounds
+    assert all(len(ts) == 2 for ts in r["isolated_stage_step_s_by_round"])
+    assert r["efficiency_by_round"] == [r["efficiency"]] * rounds
     assert set(r["idle_fraction"]) == {"0", "1"} or set(r["idle_fraction"]) == {0, 1}
 
 
