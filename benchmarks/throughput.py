@@ -236,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
              "(b) BIM sequential, 1 process": ("bimdist", []),
              **{best[p]: contenders[best[p]] for p in best}}
     # The slowest-stage bound is measured in every round too, right after the pipeline's run, so each round's
-    # efficiency compares runs made minutes apart rather than a bound taken once at the end (on a shared VM a
-    # core's speed drifts by several percent over a benchmark's length).
+    # efficiency compares a pipeline run with a bound taken a minute or two later, not one taken once at the end
+    # (on a shared VM a core's speed drifts by several percent over a benchmark's length).
     c_name = best["(c)"]
     c_extra = contenders[c_name][1]
     over = [a for a in c_extra if a.startswith("--model.")]
@@ -257,11 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded_bound = cfg.data.batch_size / max(loaded_times)
     c, b = med[c_name], med["(b) BIM sequential, 1 process"]
     peers = max(med[best[p]] for p in best if not p.startswith("(c)"))
-    c_rates = [r["samples_per_s"] for r in rounds[c_name]]
-    round_eff = [r * max(ts) / cfg.data.batch_size for r, ts in zip(c_rates, alone_by_round)]
-    round_loaded_eff = [r * max(ts) / cfg.data.batch_size for r, ts in zip(c_rates, together_by_round)]
-    efficiency, loaded_efficiency = statistics.median(round_eff), statistics.median(round_loaded_eff)
     c_runs = rounds[c_name]
+    round_eff = [r["samples_per_s"] * max(ts) / cfg.data.batch_size for r, ts in zip(c_runs, alone_by_round)]
+    round_loaded_eff = [r["samples_per_s"] * max(ts) / cfg.data.batch_size
+                        for r, ts in zip(c_runs, together_by_round)]
+    efficiency, loaded_efficiency = statistics.median(round_eff), statistics.median(round_loaded_eff)
     idle = {s: statistics.median(r["idle_fraction"][s] for r in c_runs) for s in c_runs[0]["idle_fraction"]}
     record = {"variant": args.variant, "config": cfg_args, "batch": cfg.data.batch_size, "sweep": sweep,
               "best": best, "rounds": rounds, "median_samples_per_s": med,
