@@ -17,14 +17,20 @@ def test_core_slices_are_disjoint_while_cores_last_then_round_robin():
     assert core_slice([3], 0, 1) == [3]
 
 
+def _child_json(code: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter (binding changes the whole process) and parse its last line."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _threads_in_child(*args: str) -> dict:
     code = ("import json, os, sys, torch; from bimdist.dist.env import set_cpu_threads; "
             "t, c = set_cpu_threads(int(sys.argv[1]), None, local_rank=int(sys.argv[2]), bind=sys.argv[3] == '1'); "
             "print(json.dumps({'threads': t, 'cores': c, 'torch': torch.get_num_threads(), "
             "'affinity': sorted(os.sched_getaffinity(0))}))")
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _child_json(code, *args)
 
 
 def test_binding_pins_the_process_and_sizes_torch_threads_to_its_slice():
@@ -48,8 +54,6 @@ def test_baselines_bind_by_the_launchers_local_rank_under_srun():
            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env.update(SLURM_STEP_ID="0", SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="1",
                SLURM_STEP_TASKS_PER_NODE="2", MASTER_ADDR="127.0.0.1")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _child_json(code, env=env)
     assert got["affinity"] == core_slice(cores, 1, 2)
     assert got["torch"] == len(got["affinity"])
