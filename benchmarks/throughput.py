@@ -258,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     c, b = med[c_name], med["(b) BIM sequential, 1 process"]
     peers = max(med[best[p]] for p in best if not p.startswith("(c)"))
     c_runs = rounds[c_name]
-    round_eff = [r["samples_per_s"] * max(ts) / cfg.data.batch_size for r, ts in zip(c_runs, alone_by_round)]
-    round_loaded_eff = [r["samples_per_s"] * max(ts) / cfg.data.batch_size
-                        for r, ts in zip(c_runs, together_by_round)]
+
+    def per_round(by_round: list[list[float]]) -> list[float]:  # (c) / that round's slowest-stage bound
+        return [r["samples_per_s"] * max(ts) / cfg.data.batch_size for r, ts in zip(c_runs, by_round)]
+
+    round_eff, round_loaded_eff = per_round(alone_by_round), per_round(together_by_round)
     efficiency, loaded_efficiency = statistics.median(round_eff), statistics.median(round_loaded_eff)
     idle = {s: statistics.median(r["idle_fraction"][s] for r in c_runs) for s in c_runs[0]["idle_fraction"]}
     record = {"variant": args.variant, "config": cfg_args, "batch": cfg.data.batch_size, "sweep": sweep,
