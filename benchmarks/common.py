@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bimdist.model.unit import build_unit, unit_indices
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -101,6 +104,21 @@ def random_batch(cfg: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, m.in_chans, m.img_size, m.img_size), dtype=torch.uint8, generator=g)
     return images, torch.argsort(torch.rand(n, m.num_patches, generator=g), dim=1)
+
+
+def train_flops_per_sample(cfg: Any, n: int = 8) -> list[float]:
+    """FLOPs of one training step (forward + backward, torch's flop counter) per sample, per unit (BIM: one per
+    block; MAE: one), counted on a random batch of ``n``."""
+    images, ids = random_batch(cfg, n)
+    tokens, per_unit = None, []
+    for i in unit_indices(cfg):
+        unit = build_unit(cfg, i)
+        with FlopCounterMode(display=False) as counter:
+            out = unit(images, ids, tokens)
+            out.loss.backward()
+        tokens = out.tokens
+        per_unit.append(counter.get_total_flops() / n)
+    return per_unit
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:

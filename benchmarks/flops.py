@@ -10,27 +10,10 @@ from __future__ import annotations
 
 from itertools import accumulate
 
-from torch.utils.flop_counter import FlopCounterMode
-
-from benchmarks.common import base_parser, md_table, random_batch, verdict, write_results
-from bimdist.config import Config, load_config
-from bimdist.model.unit import build_unit, unit_indices
+from benchmarks.common import base_parser, md_table, train_flops_per_sample, verdict, write_results
+from bimdist.config import load_config
 
 INCREMENTAL = [0.0, 0.25, 0.5, 0.5]
-
-
-def train_flops_per_sample(cfg: Config, n: int = 8) -> list[float]:
-    """FLOPs of one training step per sample, per unit (BIM: one per block; MAE: one)."""
-    images, ids = random_batch(cfg, n)
-    tokens, per_unit = None, []
-    for i in unit_indices(cfg):
-        unit = build_unit(cfg, i)
-        with FlopCounterMode(display=False) as counter:
-            out = unit(images, ids, tokens)
-            out.loss.backward()
-        tokens = out.tokens
-        per_unit.append(counter.get_total_flops() / n)
-    return per_unit
 
 
 def analyse(name: str, base: list[str]) -> dict:

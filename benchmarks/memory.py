@@ -25,9 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import ROOT, base_parser, md_table, random_batch, verdict, write_results
+from benchmarks.common import ROOT, base_parser, md_table, random_batch, train_flops_per_sample, verdict, write_results
 from bimdist.config import Config, load_config
 from bimdist.model.chunked import batch_slices
 from bimdist.model.unit import build_unit, unit_indices
@@ -69,15 +68,7 @@ def saved_activation_bytes(cfg: Config, batch: int) -> list[int]:
 
 def step_flop(cfg: Config, batch: int) -> float:
     """Forward + backward FLOPs of one sequential step over every unit (torch's flop counter)."""
-    images, ids = random_batch(cfg, batch)
-    tokens, total = None, 0.0
-    for i in unit_indices(cfg):
-        with FlopCounterMode(display=False) as counter:
-            out = build_unit(cfg, i)(images, ids, tokens)
-            out.loss.backward()
-        total += counter.get_total_flops()
-        tokens = out.tokens
-    return total
+    return sum(train_flops_per_sample(cfg, batch)) * batch
 
 
 def run_peaks(cfg_name: str, overrides: list[str], run_dir: Path) -> list[dict]:
