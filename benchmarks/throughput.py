@@ -18,7 +18,13 @@ stages timed one after the other, and both at once for the same wall-clock windo
 processes share the machine too). The bound is measured in every phase-2 round, right after that round's
 pipeline run; the efficiency is the median of the rounds' efficiencies.
 
-    python -m benchmarks.throughput [--variant preset|light] [--rounds 5]
+Every contender's achieved TFLOP/s is its samples/s times its model's training FLOPs per sample (torch's flop
+counter, forward + backward; BIM's decoders included, so BIM and MAE do different work per sample). With
+``--device cuda`` (the default ``auto`` picks it when GPUs are visible) every process drives its own GPU, as
+the trainer's ranks do, which takes 2 GPUs; the table then adds each contender's peak ``max_memory_allocated``
+on its fuller device, and the header names the card.
+
+    python -m benchmarks.throughput [--variant preset|light] [--rounds 5] [--device auto|cpu|cuda]
     python -m benchmarks.throughput --quick
 """
 
@@ -36,11 +42,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT, base_parser, md_table, verdict, write_results
+from benchmarks.common import ROOT, base_parser, md_table, train_flops_per_sample, verdict, write_results
 from bimdist.config import Config, load_config, visible_counts
 from bimdist.data.batches import train_batches
 from bimdist.data.stream import DataStats, Position
-from bimdist.dist.env import usable_cores
+from bimdist.dist.env import LaunchError, pick_device, usable_cores
 from bimdist.dist.topology import blocks_of_stage
 from bimdist.train.worker import StageWorker
 
@@ -89,7 +95,8 @@ def bimdist_run(cfg_args: list[str], extra: list[str], steps: int) -> dict:
             "stage_samples_per_s": {r["stage"]: r["samples_per_s"] for r in ranks},
             "idle_fraction": {r["stage"]: r["idle_fraction"] for r in ranks},
             "bytes_sent_per_step": {r["stage"]: r["bytes_sent"] / max(1, r["steps"]) for r in ranks},
-            "step_flop": {r["stage"]: r["step_flop"] for r in ranks}}
+            "step_flop": {r["stage"]: r["step_flop"] for r in ranks},
+            "peak_device_bytes": max(r["cuda_peak_bytes"] for r in ranks) or None}
 
 
 def baseline_run(module: str, cfg_args: list[str], extra: list[str], steps: int) -> dict:
@@ -98,7 +105,8 @@ def baseline_run(module: str, cfg_args: list[str], extra: list[str], steps: int)
         sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", module,
             *cfg_args, "--steps", str(steps), "--warmup", "2", "--json", str(out), *extra], cores=cores_for(2))
         rec = json.loads(out.read_text())
-    return {"step_s": rec["median_step_s"], "samples_per_s": rec["samples_per_s"]}
+    return {"step_s": rec["median_step_s"], "samples_per_s": rec["samples_per_s"],
+            "peak_device_bytes": rec.get("peak_device_bytes")}
 
 
 def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
@@ -113,24 +121,30 @@ def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
     machine."""
     torch.set_num_threads(1)
     blocks = blocks_of_stage(cfg.model.blocks, stages, stage)
-    worker = StageWorker(cfg, blocks, device=torch.device("cpu"))
+    device = pick_device(cfg.pipeline.device, stage)  # on CUDA the stage's own GPU, as in the pipeline
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    worker = StageWorker(cfg, blocks, device=device)
     batches = train_batches(cfg, replica=0, replicas=1, start_step=0, start=Position(), stats=DataStats())
     drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
     visible = visible_counts(cfg.model.num_patches, cfg.masking.mask_ratio, drops)
     tokens = None
     if blocks[0] > 0:
-        tokens = torch.randn(cfg.data.batch_size, 1 + visible[blocks[0] - 1], cfg.model.embed_dim)
+        tokens = torch.randn(cfg.data.batch_size, 1 + visible[blocks[0] - 1], cfg.model.embed_dim, device=device)
     times: list[float] = []
     step = 0
     if window is not None:
         time.sleep(max(0.0, window[0] - time.time()))
     while step <= steps if window is None else (time.time() < window[1] or len(times) < 3):
-        if blocks[0] > 0:
+        if blocks[0] > 0:  # a later stage's images arrive with its tokens, already on its device
             batch = next(batches)
+            images, ids = batch.images.to(device), batch.ids_shuffle.to(device)
+        sync()
         t0 = time.perf_counter()
         if blocks[0] == 0:
             batch = next(batches)
-        worker.train_step(step=step, images=batch.images, ids_shuffle=batch.ids_shuffle, tokens=tokens)
+            images, ids = batch.images.to(device), batch.ids_shuffle.to(device)
+        worker.train_step(step=step, images=images, ids_shuffle=ids, tokens=tokens)
+        sync()
         times.append(time.perf_counter() - t0)
         step += 1
     return statistics.fmean(times[1:])
@@ -142,6 +156,7 @@ def isolated_stage_times(args: argparse.Namespace, over: list[str], *, together:
     def cmd(stage: int, window: list[float] | None) -> list[str]:
         return [sys.executable, "-m", "benchmarks.throughput", *(["--quick"] if args.quick else []),
                 "--variant", args.variant, "--batch", str(args.batch), "--steps", str(args.final_steps),
+                "--device", args.device,
                 "--isolated", json.dumps([stage, 2, over, window])]
 
     def parse(stdout: str) -> float:
@@ -167,6 +182,18 @@ def isolated_stage_times(args: argparse.Namespace, over: list[str], *, together:
     return [parse(out) for out, _ in outs]
 
 
+def check_device(cfg: Config) -> torch.device:
+    """The contenders' device; CUDA needs a GPU for each of the 2-process contenders' ranks."""
+    try:
+        device = pick_device(cfg.pipeline.device, 0)
+    except LaunchError as e:
+        raise SystemExit(f"error: {e} (this benchmark's flag: --device cpu)") from None
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        raise SystemExit(f"error: on CUDA the 2-process contenders need 2 GPUs, one per rank, and "
+                         f"{torch.cuda.device_count()} is visible; run with --device cpu, or on a machine with 2 GPUs")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="preset")
@@ -175,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="steps per phase-1 run")
     parser.add_argument("--final-steps", type=int, default=30, help="steps per phase-2 run")
     parser.add_argument("--window-s", type=float, default=30.0, help="seconds both stages run together")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="every contender's pipeline.device (auto: CUDA when visible)")
     parser.add_argument("--isolated", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -189,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         bim_splits = [None, "[2,3,4,3]", "[2,2,4,4]", "[3,4,3,2]"]  # stage 0 holds 6, 5, 4, 7 of the 12 layers
         ds_splits, micro = [None, "-1", "+1"], [2, 4, 8]
         schedules = ["1f1b", "gpipe"]
+    cfg_args.append(f"--pipeline.device={args.device}")
     if args.isolated is not None:  # worker mode: print one stage's isolated step time
         stage, stages, over, window = json.loads(args.isolated)
         cfg = load_config(cfg_args[0], [*cfg_args[1:], *over])
@@ -196,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         window=tuple(window) if window else None)}))
         return 0
     cfg = load_config(cfg_args[0], cfg_args[1:])
+    device = check_device(cfg)
     depth = cfg.model.depth
     mae_args = [*cfg_args, "--method=mae", "--masking.extra_drop=null"]
     mid = 1 + depth // 2
@@ -219,11 +250,24 @@ def main(argv: list[str] | None = None) -> int:
             contenders[f"(e) DeepSpeed PipelineModule, split {s or 'mid'}, {m} micro"] = (
                 "bimdist.baselines.ds_pipe", ["--microbatches", str(m), *split_arg(s)])
 
+    flop_cache: dict[tuple[str, ...], float] = {}
+
+    def flop_per_sample(kind: str, extra: list[str]) -> float:
+        """The contender's model: BIM's (its layer split, masking) for bimdist runs, else end-to-end MAE's."""
+        over = [a for a in (extra if kind == "bimdist" else mae_args)
+                if a.startswith(("--model.", "--masking.", "--method="))]
+        if tuple(over) not in flop_cache:
+            flop_cache[tuple(over)] = sum(train_flops_per_sample(load_config(cfg_args[0], [*cfg_args[1:], *over])))
+        return flop_cache[tuple(over)]
+
     def run(kind: str, extra: list[str], steps: int) -> dict:
         if kind == "bimdist":
-            return bimdist_run(cfg_args, extra, steps + 1)
-        base = mae_args if kind.startswith("bimdist.baselines") else cfg_args
-        return baseline_run(kind, base, extra, steps)
+            r = bimdist_run(cfg_args, extra, steps + 1)
+        else:
+            r = baseline_run(kind, mae_args, extra, steps)
+        r["flop_per_sample"] = flop_per_sample(kind, extra)
+        r["tflop_per_s"] = r["samples_per_s"] * r["flop_per_sample"] / 1e12
+        return r
 
     # Phase 1: every configuration once (skipped with --quick: one configuration each).
     sweep = {} if args.quick else {name: run(kind, extra, args.steps) for name, (kind, extra) in contenders.items()}
@@ -266,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     efficiency, loaded_efficiency = statistics.median(round_eff), statistics.median(round_loaded_eff)
     idle = {s: statistics.median(r["idle_fraction"][s] for r in c_runs) for s in c_runs[0]["idle_fraction"]}
     record = {"variant": args.variant, "config": cfg_args, "batch": cfg.data.batch_size, "sweep": sweep,
-              "best": best, "rounds": rounds, "median_samples_per_s": med,
+              "best": best, "rounds": rounds, "median_samples_per_s": med, "device": str(device),
+              "flop_per_sample": {n: rs[0]["flop_per_sample"] for n, rs in rounds.items()},
               "isolated_stage_step_s": stage_times, "slowest_stage_bound_samples_per_s": bound,
               "efficiency": efficiency, "isolated_together_stage_step_s": loaded_times,
               "slowest_stage_bound_together_samples_per_s": loaded_bound, "efficiency_together": loaded_efficiency,
@@ -276,13 +321,20 @@ def main(argv: list[str] | None = None) -> int:
               "steps": {"phase1": args.steps, "phase2": args.final_steps, "together_window_s": args.window_s},
               "c_over_b": c / b, "c_over_best_peer": c / peers, "idle_fraction": idle,
               "message_bytes_per_step": c_runs[0]["bytes_sent_per_step"], "step_flop": c_runs[0]["step_flop"]}
-    rows = [[n, r["samples_per_s"], r["step_s"], "phase 1"] for n, r in sweep.items()]
-    rows += [[n, med[n], statistics.median(x["step_s"] for x in rs), f"phase 2 median of {len(rs)}"]
-             for n, rs in rounds.items()]
-    table = md_table(["contender", "samples/s", "step s", "measured in"], rows)
-    table += (f"\n\nBatch {cfg.data.batch_size}, one torch thread and one core per process (its data work "
-              f"included); phase-1 runs {args.steps} steps, phase-2 runs {args.final_steps}. A run's rate is its "
-              "samples over the total time of its timed steps (the pipeline's: its slowest stage's). Isolated "
+
+    def memory(rs: list[dict]) -> list[float]:  # GiB on the fuller device (CUDA only)
+        return [max(r["peak_device_bytes"] for r in rs) / 2**30] if device.type == "cuda" else []
+
+    rows = [[n, r["samples_per_s"], r["step_s"], r["tflop_per_s"], *memory([r]), "phase 1"] for n, r in sweep.items()]
+    rows += [[n, med[n], statistics.median(x["step_s"] for x in rs), statistics.median(x["tflop_per_s"] for x in rs),
+              *memory(rs), f"phase 2 median of {len(rs)}"] for n, rs in rounds.items()]
+    table = md_table(["contender", "samples/s", "step s", "achieved TFLOP/s",
+                      *(["peak GiB, fuller device"] if device.type == "cuda" else []), "measured in"], rows)
+    table += (f"\n\nOn {device.type}. Batch {cfg.data.batch_size}, one torch thread and one core per process "
+              f"(its data work included); phase-1 runs {args.steps} steps, phase-2 runs {args.final_steps}. A run's "
+              "rate is its samples over the total time of its timed steps (the pipeline's: its slowest stage's); its "
+              "TFLOP/s is that rate times its model's training FLOPs per sample (torch's flop counter: "
+              f"{ {n: f'{f / 1e9:.3g} GFLOP' for n, f in record['flop_per_sample'].items()} }). Isolated "
               "stage mean step times (batch building included; measured in every round after (c), medians over "
               "rounds shown; the efficiency is the median of the rounds' (c)/bound), each stage alone: "
               f"{[round(t, 3) for t in stage_times]} s -> "

@@ -9,10 +9,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from bimdist.config import Config, load_config
 from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataStats, Position
-from bimdist.dist.env import detect, set_cpu_threads
+from bimdist.dist.env import LaunchError, detect, pick_backend, pick_device, set_cpu_threads
 
 
 def parse(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
@@ -46,16 +48,39 @@ def set_threads(cfg: Config) -> None:
     set_cpu_threads(local, cfg.pipeline.threads, local_rank=local_rank, bind=cfg.pipeline.bind_cores)
 
 
+def device_and_backend(cfg: Config) -> tuple[torch.device, str]:
+    """The trainer's rules (``pipeline.device``, ``pipeline.backend``): this local rank's GPU and NCCL when CUDA
+    is visible, else the CPU and gloo. A choice this machine cannot meet ends the process with the reason."""
+    found = detect()
+    try:
+        device = pick_device(cfg.pipeline.device, found.local_rank if found else 0)
+        return device, pick_backend(cfg.pipeline.backend, device)
+    except LaunchError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 class Timer:
-    def __init__(self) -> None:
+    """Wall-clock step times; on CUDA it waits for the device's queued work at both ends of a step."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
         self.times: list[float] = []
         self._t = 0.0
+        self._sync = device.type == "cuda"
 
     def start(self) -> None:
+        if self._sync:
+            torch.cuda.synchronize()
         self._t = time.perf_counter()
 
     def stop(self) -> None:
+        if self._sync:
+            torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._t)
+
+
+def peak_device_bytes(device: torch.device) -> int | None:
+    """``max_memory_allocated`` on CUDA; None on the CPU (the memory benchmark measures that properly)."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
 def report(args: argparse.Namespace, cfg: Config, *, name: str, times: list[float], losses: list[float],

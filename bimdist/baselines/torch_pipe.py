@@ -12,7 +12,16 @@ import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from bimdist.baselines.common import Timer, batches, default_split, parse, report, set_threads
+from bimdist.baselines.common import (
+    Timer,
+    batches,
+    default_split,
+    device_and_backend,
+    parse,
+    peak_device_bytes,
+    report,
+    set_threads,
+)
 from bimdist.baselines.mae_layers import Chain, mae_labels, mae_layers, mae_loss
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -31,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args, cfg = parse(__doc__.splitlines()[1], argv)
     set_threads(cfg)
-    dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    device, backend = device_and_backend(cfg)
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != 2:
         print("torch_pipe runs on exactly 2 ranks", file=sys.stderr)
@@ -39,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     args.split = args.split or default_split(cfg.model.depth)
     layers = mae_layers(cfg)
     visible = layers[0].visible
-    module = Chain(layers[: args.split] if rank == 0 else layers[args.split :])
-    stage = PipelineStage(module, stage_index=rank, num_stages=2, device=torch.device("cpu"))
+    module = Chain(layers[: args.split] if rank == 0 else layers[args.split :]).to(device)
+    stage = PipelineStage(module, stage_index=rank, num_stages=2, device=device)
     schedule = SCHEDULES[schedule_name](stage, n_microbatches=args.microbatches, loss_fn=mae_loss)
     optimizer = torch.optim.AdamW(param_groups_weight_decay(module, cfg.optim.weight_decay), lr=cfg.lr,
                                   betas=cfg.optim.betas)
     stream = batches(cfg)
-    timer, losses = Timer(), []
+    timer, losses = Timer(device), []
     for _ in range(args.warmup + args.steps):
         # Both ranks draw the same deterministic batch. Rank 0 builds it inside the timed step, as DeepSpeed's
         # train_batch and bimdist's stage 0 do; rank 1 only needs its labels and gets them untimed.
@@ -55,20 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         if rank == 0:
             batch = next(stream)
-            schedule.step(batch.images, batch.ids_shuffle)
+            schedule.step(batch.images.to(device), batch.ids_shuffle.to(device))
         else:
             micro_losses: list[torch.Tensor] = []
-            schedule.step(target=mae_labels(cfg, batch, visible), losses=micro_losses)
+            schedule.step(target=mae_labels(cfg, batch, visible).to(device), losses=micro_losses)
             losses.append(float(torch.stack(micro_losses).detach().mean()))
         optimizer.step()
         timer.stop()
-    times = torch.tensor(timer.times[args.warmup :])
+    times = torch.tensor(timer.times[args.warmup :], device=device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step ends when both stages have finished it
-    loss_t = torch.tensor(losses or [0.0] * (args.warmup + args.steps))
+    loss_t = torch.tensor(losses or [0.0] * (args.warmup + args.steps), device=device)
     dist.broadcast(loss_t, src=1)
+    peak = torch.tensor([peak_device_bytes(device) or 0], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the fuller of the two devices
     if rank == 0:
         report(args, cfg, name=f"torch.distributed.pipelining {schedule_name} (MAE)", times=times.tolist(),
-               losses=loss_t.tolist(), extra={"schedule": schedule_name, "layers": len(layers)})
+               losses=loss_t.tolist(), extra={"schedule": schedule_name, "layers": len(layers),
+                                              "device": str(device),
+                                              "peak_device_bytes": int(peak) if device.type == "cuda" else None})
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -50,7 +51,7 @@ def test_memory_quick(tmp_path):
 
 
 def test_throughput_quick(tmp_path):
-    r = bench("throughput", tmp_path)
+    r = bench("throughput", tmp_path, "--device", "cpu")  # the CPU path, also where a GPU is visible
     assert set(r["median_samples_per_s"]) >= {"(a) MAE, 1 process", "(b) BIM sequential, 1 process"}
     assert all(v > 0 for v in r["median_samples_per_s"].values())
     assert any(k.startswith("(d)") for k in r["median_samples_per_s"])
@@ -63,6 +64,30 @@ def test_throughput_quick(tmp_path):
     assert all(len(ts) == 2 for ts in r["isolated_stage_step_s_by_round"])
     assert r["efficiency_by_round"] == [r["efficiency"]] * rounds
     assert set(r["idle_fraction"]) == {"0", "1"} or set(r["idle_fraction"]) == {0, 1}
+    # achieved FLOP/s: the benchmark's own count of each model agrees with what the trainer's stages counted
+    assert r["device"] == "cpu"
+    for runs in r["rounds"].values():
+        run = runs[0]
+        assert run["tflop_per_s"] == pytest.approx(run["samples_per_s"] * run["flop_per_sample"] / 1e12)
+        if "step_flop" in run:  # a bimdist run: every stage's flop counter
+            assert sum(run["step_flop"].values()) / r["batch"] == pytest.approx(run["flop_per_sample"], rel=1e-3)
+    mae = r["flop_per_sample"]["(a) MAE, 1 process"]
+    assert all(r["flop_per_sample"][n] == mae for n in r["rounds"] if n[:3] in ("(d)", "(e)"))
+    assert r["flop_per_sample"]["(b) BIM sequential, 1 process"] > mae  # BIM adds a decoder per block
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("cmd", [["bimdist.baselines.torch_pipe", str(ROOT / "tests/assets/tiny.yaml")],
+                                 ["bimdist.baselines.ds_pipe", str(ROOT / "tests/assets/tiny.yaml")],
+                                 ["benchmarks.throughput", "--quick"]])
+def test_cuda_wanted_without_gpu_is_refused(cmd):
+    """Asked for CUDA where none is visible, the baselines and the benchmark stop at once and say what to do."""
+    extra = ["--device", "cuda"] if cmd[0] == "benchmarks.throughput" else ["--pipeline.device=cuda"]
+    proc = subprocess.run([sys.executable, "-m", *cmd, *extra], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT)
+    assert proc.returncode != 0
+    assert "no CUDA device is visible; use pipeline.device=cpu" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_model_quick(tmp_path):
