@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from bimdist.config import Config, load_config
 from bimdist.data.batches import Batch, train_batches
@@ -48,9 +49,11 @@ def set_threads(cfg: Config) -> None:
     set_cpu_threads(local, cfg.pipeline.threads, local_rank=local_rank, bind=cfg.pipeline.bind_cores)
 
 
-def device_and_backend(cfg: Config) -> tuple[torch.device, str]:
-    """The trainer's rules (``pipeline.device``, ``pipeline.backend``): this local rank's GPU and NCCL when CUDA
-    is visible, else the CPU and gloo. A choice this machine cannot meet ends the process with the reason."""
+def prepare(cfg: Config) -> tuple[torch.device, str]:
+    """The trainer's rules for this rank: its CPU threads and cores, then its device and backend
+    (``pipeline.device``, ``pipeline.backend``): the local rank's GPU and NCCL when CUDA is visible, else the CPU
+    and gloo. A choice this machine cannot meet ends the process with the reason."""
+    set_threads(cfg)
     found = detect()
     try:
         device = pick_device(cfg.pipeline.device, found.local_rank if found else 0)
@@ -78,9 +81,12 @@ class Timer:
         self.times.append(time.perf_counter() - self._t)
 
 
-def peak_device_bytes(device: torch.device) -> int | None:
-    """``max_memory_allocated`` on CUDA; None on the CPU (the memory benchmark measures that properly)."""
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+def peak_over_ranks(device: torch.device) -> int | None:
+    """The largest ``max_memory_allocated`` over all ranks (a collective: every rank calls it); None on the CPU,
+    where the memory benchmark measures memory properly."""
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return int(peak) if device.type == "cuda" else None
 
 
 def report(args: argparse.Namespace, cfg: Config, *, name: str, times: list[float], losses: list[float],

@@ -17,16 +17,7 @@ import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 from timm.optim import param_groups_weight_decay
 
-from bimdist.baselines.common import (
-    Timer,
-    batches,
-    default_split,
-    device_and_backend,
-    parse,
-    peak_device_bytes,
-    report,
-    set_threads,
-)
+from bimdist.baselines.common import Timer, batches, default_split, parse, peak_over_ranks, prepare, report
 from bimdist.baselines.mae_layers import mae_labels, mae_layers, mae_loss
 
 
@@ -47,8 +38,7 @@ class SplitPipelineModule(PipelineModule):
 def main(argv: list[str] | None = None) -> int:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     args, cfg = parse(__doc__.splitlines()[1], argv)
-    set_threads(cfg)
-    device, backend = device_and_backend(cfg)
+    device, backend = prepare(cfg)
     deepspeed.init_distributed(dist_backend=backend)
     if dist.get_world_size() != 2:
         print("ds_pipe runs on exactly 2 ranks", file=sys.stderr)
@@ -82,12 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         loss = engine.train_batch(data_iter=it)
         timer.stop()
         losses.append(float(loss))
-    peak = torch.tensor([peak_device_bytes(device) or 0], device=device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the fuller of the two devices
+    peak = peak_over_ranks(device)  # the fuller of the two devices
     if dist.get_rank() == 0:
         report(args, cfg, name="deepspeed PipelineModule (MAE)", times=timer.times[args.warmup:], losses=losses,
                extra={"layers": len(layers), "device": str(device),
-                      "peak_device_bytes": int(peak) if device.type == "cuda" else None})
+                      "peak_device_bytes": peak})
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -12,16 +12,7 @@ import torch.distributed as dist
 from timm.optim import param_groups_weight_decay
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from bimdist.baselines.common import (
-    Timer,
-    batches,
-    default_split,
-    device_and_backend,
-    parse,
-    peak_device_bytes,
-    report,
-    set_threads,
-)
+from bimdist.baselines.common import Timer, batches, default_split, parse, peak_over_ranks, prepare, report
 from bimdist.baselines.mae_layers import Chain, mae_labels, mae_layers, mae_loss
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -39,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--schedule must be one of {sorted(SCHEDULES)}", file=sys.stderr)
         return 2
     args, cfg = parse(__doc__.splitlines()[1], argv)
-    set_threads(cfg)
-    device, backend = device_and_backend(cfg)
+    device, backend = prepare(cfg)
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != 2:
@@ -76,13 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step ends when both stages have finished it
     loss_t = torch.tensor(losses or [0.0] * (args.warmup + args.steps), device=device)
     dist.broadcast(loss_t, src=1)
-    peak = torch.tensor([peak_device_bytes(device) or 0], device=device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)  # the fuller of the two devices
+    peak = peak_over_ranks(device)  # the fuller of the two devices
     if rank == 0:
         report(args, cfg, name=f"torch.distributed.pipelining {schedule_name} (MAE)", times=times.tolist(),
                losses=loss_t.tolist(), extra={"schedule": schedule_name, "layers": len(layers),
                                               "device": str(device),
-                                              "peak_device_bytes": int(peak) if device.type == "cuda" else None})
+                                              "peak_device_bytes": peak})
     dist.barrier()
     dist.destroy_process_group()
     return 0
