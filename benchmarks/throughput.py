@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import ROOT, base_parser, md_table, train_flops_per_sample, verdict, write_results
+from bimdist.baselines.common import Timer
 from bimdist.config import Config, load_config, visible_counts
 from bimdist.data.batches import train_batches
 from bimdist.data.stream import DataStats, Position
@@ -122,7 +123,6 @@ def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
     torch.set_num_threads(1)
     blocks = blocks_of_stage(cfg.model.blocks, stages, stage)
     device = pick_device(cfg.pipeline.device, stage)  # on CUDA the stage's own GPU, as in the pipeline
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     worker = StageWorker(cfg, blocks, device=device)
     batches = train_batches(cfg, replica=0, replicas=1, start_step=0, start=Position(), stats=DataStats())
     drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
@@ -130,24 +130,22 @@ def isolated_stage_time(cfg: Config, stage: int, stages: int, steps: int, *,
     tokens = None
     if blocks[0] > 0:
         tokens = torch.randn(cfg.data.batch_size, 1 + visible[blocks[0] - 1], cfg.model.embed_dim, device=device)
-    times: list[float] = []
+    timer = Timer(device)  # on CUDA it waits for the GPU at both ends of a step
     step = 0
     if window is not None:
         time.sleep(max(0.0, window[0] - time.time()))
-    while step <= steps if window is None else (time.time() < window[1] or len(times) < 3):
+    while step <= steps if window is None else (time.time() < window[1] or len(timer.times) < 3):
         if blocks[0] > 0:  # a later stage's images arrive with its tokens, already on its device
             batch = next(batches)
             images, ids = batch.images.to(device), batch.ids_shuffle.to(device)
-        sync()
-        t0 = time.perf_counter()
+        timer.start()
         if blocks[0] == 0:
             batch = next(batches)
             images, ids = batch.images.to(device), batch.ids_shuffle.to(device)
         worker.train_step(step=step, images=images, ids_shuffle=ids, tokens=tokens)
-        sync()
-        times.append(time.perf_counter() - t0)
+        timer.stop()
         step += 1
-    return statistics.fmean(times[1:])
+    return statistics.fmean(timer.times[1:])
 
 
 def isolated_stage_times(args: argparse.Namespace, over: list[str], *, together: bool) -> list[float]:

@@ -50,16 +50,18 @@ def set_threads(cfg: Config) -> None:
 
 
 def prepare(cfg: Config) -> tuple[torch.device, str]:
-    """The trainer's rules for this rank: its CPU threads and cores, then its device and backend
-    (``pipeline.device``, ``pipeline.backend``): the local rank's GPU and NCCL when CUDA is visible, else the CPU
-    and gloo. A choice this machine cannot meet ends the process with the reason."""
-    set_threads(cfg)
+    """The trainer's rules for this rank: its device and backend (``pipeline.device``, ``pipeline.backend``): the
+    local rank's GPU and NCCL when CUDA is visible, else the CPU and gloo, and on the CPU its threads and cores. A
+    choice this machine cannot meet ends the process with the reason."""
     found = detect()
     try:
         device = pick_device(cfg.pipeline.device, found.local_rank if found else 0)
-        return device, pick_backend(cfg.pipeline.backend, device)
+        backend = pick_backend(cfg.pipeline.backend, device)
     except LaunchError as e:
         raise SystemExit(f"error: {e}") from None
+    if device.type == "cpu":  # as the trainer: thread and core limits are for CPU compute
+        set_threads(cfg)
+    return device, backend
 
 
 class Timer:
