@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, base_parser, md_table, verdict, write_results
+from benchmarks.common import ROOT, Check, base_parser, md_table, write_results
 
 FMNIST = ROOT / "data" / "fashion-mnist"
 MINI = ROOT / "tests" / "assets" / "fmnist-mini"
@@ -86,32 +86,33 @@ def main(argv: list[str] | None = None) -> int:
         for name, over in runs.items():
             results[name] = pretrain_and_eval(name, over, Path(tmp) / name.replace(" ", "_").replace(",", ""),
                                               train_samples=eval_train, test_samples=eval_test, data=data)
-    bim, mae = results["BIM, 4 blocks"]["rows"], results["MAE"]["rows"]
-    raw = bim[0]
-    full = len(bim) - 1
     rows = []
     for name, r in results.items():
         for row in r["rows"]:
             rows.append([name, row["name"], row["layers"], row["linear"], row["knn"]])
     table = md_table(["pretraining", "features", "layers", "linear probe %", "kNN %"], rows)
-    shallow = [d for d in range(1, full + 1) if bim[d]["layers"] * 4 in (bim[full]["layers"], 2 * bim[full]["layers"])]
-    shallow_gains = {bim[d]["name"]: bim[d]["linear"] - mae[d]["linear"] for d in shallow}
-    best_shallow = max(shallow_gains.values()) if shallow_gains else float("nan")
-    checks = [
-        f"- full-depth BIM linear probe vs MAE - 0.5: {verdict(bim[full]['linear'] - mae[full]['linear'], -0.5)} "
-        f"(BIM {bim[full]['linear']:.2f}, MAE {mae[full]['linear']:.2f})",
-        f"- shallow depth BIM - truncated MAE (linear, points) {shallow_gains}: {verdict(best_shallow, 1.0)}",
-        f"- full-depth BIM linear probe: {verdict(bim[full]['linear'], 86.0)}",
-        f"- full-depth BIM kNN vs raw-pixel kNN: {verdict(bim[full]['knn'] - raw['knn'], 0.0)} "
-        f"(BIM {bim[full]['knn']:.2f}, pixels {raw['knn']:.2f})",
-    ]
+    record = {"epochs": args.epochs, "steps": steps, "batch": batch, "blr": args.blr, "blocks": depth_blocks,
+              "runs": results}
     seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in results.values())
     table += (f"\n\n{args.epochs if not args.quick else 'quick'} epochs of pretraining per run "
               f"({steps} steps of {batch}), base lr {args.blr}; probes on {eval_train} train / {eval_test} test "
-              f"images; {seconds / 60:.0f} minutes in all.\n" + "\n".join(checks))
-    write_results("accuracy", {"epochs": args.epochs, "steps": steps, "batch": batch, "blr": args.blr,
-                               "blocks": depth_blocks, "runs": results, "checks": checks}, table, args)
+              f"images; {seconds / 60:.0f} minutes in all.\n" + "\n".join(c.line() for c in checks(record)))
+    write_results("accuracy", record, table, args, checks=checks)
     return 0
+
+
+def checks(record: dict) -> list[Check]:
+    """Full-depth BIM: linear probe >= 87% and >= raw pixels + 2, kNN >= raw-pixel kNN, linear >= MAE - 0.5; at the
+    shallowest depth BIM >= truncated MAE + 1 (linear)."""
+    bim, mae = record["runs"]["BIM, 4 blocks"]["rows"], record["runs"]["MAE"]["rows"]
+    raw, full, shallow = bim[0], bim[-1], bim[1]
+    return [
+        Check("full-depth BIM linear probe %", full["linear"], 87.0),
+        Check("full-depth BIM linear probe - raw pixels, points", full["linear"] - raw["linear"], 2.0),
+        Check("full-depth BIM kNN - raw-pixel kNN, points", full["knn"] - raw["knn"], 0.0),
+        Check("full-depth BIM - MAE linear probe, points", full["linear"] - mae[-1]["linear"], -0.5),
+        Check("shallowest BIM - truncated MAE linear probe, points", shallow["linear"] - mae[1]["linear"], 1.0),
+    ]
 
 
 if __name__ == "__main__":

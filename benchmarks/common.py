@@ -1,20 +1,24 @@
 """Shared benchmark plumbing: machine description, result files named by hardware and date, README tables.
 
 Every script writes ``benchmarks/results/<name>_<machine>_<date>.json`` (raw numbers, config, versions) and a
-markdown table next to it, and rewrites its own section of the README between ``<!-- bench:<name> -->``
-markers, so the tables in the README always come from a script run, never from typing.
+markdown table next to it, and rewrites its own section of ``benchmarks/README.md`` between
+``<!-- bench:<name> -->`` markers. Each script also says which targets it checks (``checks(record)``); the top
+README's headline table is rebuilt from the newest full result of every script. So no table or verdict in either
+README is typed by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,31 @@ from bimdist.model.unit import build_unit, unit_indices
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+BENCH_README = ROOT / "benchmarks" / "README.md"
+TOP_README = ROOT / "README.md"
+# result name -> the module whose ``checks(record)`` reads it, in the order of the headline table
+HEADLINE = {"throughput-preset": "benchmarks.throughput", "throughput-light": "benchmarks.throughput",
+            "memory": "benchmarks.memory", "flops": "benchmarks.flops", "accuracy": "benchmarks.accuracy",
+            "data": "benchmarks.data", "model": "benchmarks.model", "doctor": "benchmarks.doctor"}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One target of a benchmark and the figure a run reached."""
+
+    target: str  # what is wanted, in words: "pipeline efficiency (c)/bound"
+    value: float
+    want: float
+    at_most: bool = False
+    note: str = ""  # context shown after the verdict in the benchmark's own notes
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.want if self.at_most else self.value >= self.want
+
+    def line(self) -> str:
+        return f"- {self.target}: {verdict(self.value, self.want, at_most=self.at_most)}" + (
+            f" {self.note}" if self.note else "")
 
 
 def machine() -> dict[str, Any]:
@@ -57,8 +86,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def write_results(name: str, record: dict[str, Any], table: str, args: argparse.Namespace) -> Path:
-    """JSON + markdown into the results folder; the README section too unless --quick / --no-readme."""
+def write_results(name: str, record: dict[str, Any], table: str, args: argparse.Namespace, *,
+                  checks: Any = None) -> Path:
+    """JSON + markdown into the results folder; the README section too unless --quick / --no-readme. With
+    ``checks`` (the script's ``checks(record)``) the JSON also keeps its verdicts, for readers that do not import
+    the script."""
+    if checks is not None:
+        record["checks"] = [dict(target=c.target, value=c.value, want=c.want, at_most=c.at_most, met=c.met)
+                            for c in checks(record)]
     info = record.setdefault("machine", machine())
     record.setdefault("date", dt.datetime.now().isoformat(timespec="seconds"))
     record.setdefault("command", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
@@ -73,14 +108,15 @@ def write_results(name: str, record: dict[str, Any], table: str, args: argparse.
               f"torch {info['torch']}, `{record['command']}`; raw numbers in `{shown}`._\n\n")
     (out / f"{stem}.md").write_text(header + table + "\n")
     if not args.quick and not args.no_readme:
-        update_readme(name, header + table)
+        replace_block(BENCH_README, name, header + table)
+        replace_block(TOP_README, "headline", headline_table())
     print(header + table, flush=True)
     return path
 
 
-def update_readme(name: str, body: str) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+def replace_block(readme: Path, name: str, body: str) -> None:
+    """Rewrite the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->`` (appended if missing)."""
+    text = readme.read_text() if readme.exists() else ""
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{start}\n{body.strip()}\n{end}"
     if start in text and end in text:
@@ -88,6 +124,40 @@ def update_readme(name: str, body: str) -> None:
     else:
         text = text.rstrip() + f"\n\n{block}\n"
     readme.write_text(text)
+
+
+def newest_result(name: str, folder: Path = RESULTS) -> tuple[Path, dict[str, Any]] | None:
+    """The newest full (not ``--quick``) result of benchmark ``name``, by the date it records."""
+    found = []
+    for path in folder.glob(f"{name}_*.json"):
+        if path.stem.endswith("_quick") or path.stem.removeprefix(name).count("_") != 2:
+            continue
+        record = json.loads(path.read_text())
+        found.append((record.get("date", ""), path.name, path, record))
+    if not found:
+        return None
+    *_, path, record = max(found, key=lambda t: (t[0], t[1]))
+    return path, record
+
+
+def headline_table(folder: Path = RESULTS) -> str:
+    """One row per target of every benchmark's newest full result, linked to that run's table."""
+    rows, machines, links = [], {}, []
+    for name, module in HEADLINE.items():
+        found = newest_result(name, folder)
+        if found is None:
+            continue
+        path, record = found
+        where = record.get("machine", {})
+        machines.setdefault(where.get("gpu") or f"{where.get('cpu', '?')} ({where.get('cores', '?')} cores)",
+                            []).append(f"{name} {record.get('date', '')[:10]}")
+        links.append(f"[{name}]: benchmarks/results/{path.with_suffix('.md').name}")
+        for c in importlib.import_module(module).checks(record):
+            rows.append([f"[{name}]", c.target, f"{c.value:.3g}", f"{'<=' if c.at_most else '>='} {c.want:g}",
+                         "met" if c.met else "**not met**"])
+    runs = "; ".join(f"{m}: {', '.join(names)}" for m, names in machines.items())
+    table = md_table(["benchmark", "target", "figure", "wanted", ""], rows)
+    return table + f"\n\nMeasured on {runs}.\n\n" + "\n".join(links)
 
 
 def _git_rev() -> str:

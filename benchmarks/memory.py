@@ -26,7 +26,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import ROOT, base_parser, md_table, random_batch, train_flops_per_sample, verdict, write_results
+from benchmarks.common import (
+    ROOT,
+    Check,
+    base_parser,
+    md_table,
+    random_batch,
+    train_flops_per_sample,
+    verdict,
+    write_results,
+)
 from bimdist.config import Config, load_config
 from bimdist.model.chunked import batch_slices
 from bimdist.model.unit import build_unit, unit_indices
@@ -196,8 +205,22 @@ def main(argv: list[str] | None = None) -> int:
               "activation bytes autograd holds for backward at once (with sliced decoders: the forward's plus the "
               "largest slice's recomputation). Primed rows run every decoder over slices of the batch and recompute "
               "it in backward (`model.decoder_chunks`); the gradients are unchanged.\n" + "\n".join(notes))
-    write_results("memory", {"results": results}, table, args)
+    write_results("memory", {"results": results}, table, args, checks=checks)
     return 0
+
+
+def checks(record: dict) -> list[Check]:
+    """Headline: live tensor bytes (the allocator-independent measure, what a GPU's max_memory_allocated counts)
+    with sliced decoders, against plain MAE (a): (b)/(a) <= 0.5 and the worst S=4 stage <= 0.30. The notes under
+    the table give every measure, with and without slicing."""
+    out = []
+    for r in record["results"]:
+        q = r["chunked_ratios"]
+        out.append(Check(f"{r['shape']}: BIM sequential / MAE, live bytes", q["bim_over_mae_live"], 0.5, at_most=True))
+        if "worst_stage_S4_over_mae_live" in q:
+            out.append(Check(f"{r['shape']}: worst S=4 stage / MAE, live bytes", q["worst_stage_S4_over_mae_live"],
+                             0.30, at_most=True))
+    return out
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import RESULTS, base_parser, md_table, write_results
+from benchmarks.common import RESULTS, Check, base_parser, md_table, write_results
 from bimdist.config import Config, load_config, visible_counts
-from bimdist.dist.launch import free_port
+from bimdist.distributed.launch import free_port
 from bimdist.model.unit import BlockUnit
 
 MODELS = {
@@ -165,8 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         bw = gloo_bandwidth(max(c["bytes_sent"] for c in costs) * 16, reps=5)
         record["cpu_check"] = {"gloo_bytes_per_s": bw, "stage_flop": [c["flop"] for c in costs]}
         table += f"\n\nQuick: gloo loopback {bw / 1e9:.2f} GB/s."
-    write_results("model", record, table, args)
+    write_results("model", record, table, args, checks=checks)
     return 0
+
+
+def checks(record: dict) -> list[Check]:
+    """The model's own CPU check: its prediction within 25% of the measured 2-stage pipeline."""
+    check = record.get("cpu_check", {})
+    if "error" not in check:
+        return []
+    return [Check("scaling model vs measured CPU pipeline, absolute error", abs(check["error"]), 0.25, at_most=True)]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from bimdist import __version__
 from bimdist.config import ConfigError, load_config, preset_names
 from bimdist.train.signals import EXIT_CONFIG, EXIT_DATA, EXIT_ERROR
 
@@ -22,9 +23,22 @@ Sections: method, model, masking, data, optim, pipeline, metrics, checkpoint, ru
 Presets: {presets}."""
 
 
+def _eval_help() -> str:
+    """The ``--eval.key=value`` overrides ``bimdist eval`` takes, with their defaults, from the config model."""
+    from bimdist.config import EvalConfig
+
+    lines = ["Overrides of the eval section (the model and data come from the run's config.yaml):"]
+    for name, field in EvalConfig.model_fields.items():
+        doc = f"  {field.description}" if field.description else ""
+        lines.append(f"  --eval.{name}={field.default}{doc}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bimdist", description="Block-wise masked image modeling, distributed.")
-    sub = p.add_subparsers(dest="verb", required=True)
+    p.add_argument("--version", action="version", version=f"bimdist {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND",
+                           help="train | export | eval | recon | data | trace (bimdist COMMAND --help for more)")
     t = sub.add_parser("train", help="train (spawns local stages when pipeline.stages x replicas > 1)",
                        epilog=TRAIN_HELP.format(presets=", ".join(preset_names())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--depth", type=int, required=True, help="number of blocks K to keep")
     e.add_argument("--out", type=Path, required=True, help="PATH.safetensors (kwargs go to PATH.json)")
     v = sub.add_parser("eval", help="linear probe and kNN at every depth, with a raw-pixel baseline "
-                       "(--eval.key=value overrides the eval section)")
+                       "(--eval.key=value overrides the eval section)", epilog=_eval_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("run_dir", type=Path)
     v.add_argument("--train-samples", type=int, default=None)
     v.add_argument("--test-samples", type=int, default=None)
@@ -80,6 +95,21 @@ def pop_local_rank(argv: list[str]) -> tuple[list[str], int | None]:
     return out, local_rank
 
 
+def missing_input(args: argparse.Namespace) -> str | None:
+    """What a non-train command needs on disk and does not find, phrased with the fix; None when all is there."""
+    run_dir = getattr(args, "run_dir", None)
+    if run_dir is not None and args.verb in ("export", "eval", "recon"):
+        if not run_dir.is_dir():
+            return f"run folder {run_dir} does not exist; give the run.dir of a `bimdist train` run"
+        if not (run_dir / "config.yaml").is_file():
+            return f"{run_dir} has no config.yaml, so it is not a bimdist run folder (train writes one there)"
+    if args.verb == "trace" and not (run_dir / "trace").is_dir():
+        return f"{run_dir / 'trace'} does not exist; train with --metrics.trace=true first"
+    if args.verb == "data" and getattr(args, "dataset", None) == "folder" and not args.src.is_dir():
+        return f"source folder {args.src} does not exist"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, local_rank = pop_local_rank(list(sys.argv[1:] if argv is None else argv))
     args, rest = _parser().parse_known_args(argv)
@@ -89,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging()
         if rest and args.verb != "eval":
             print(f"bimdist {args.verb}: unexpected arguments {rest}", file=sys.stderr)
+            return EXIT_CONFIG
+        missing = missing_input(args)
+        if missing:  # before torch and timm are imported: a typo costs a fraction of a second, not ten
+            print(f"bimdist {args.verb}: {missing}", file=sys.stderr)
             return EXIT_CONFIG
     try:
         if args.verb == "train":

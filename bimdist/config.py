@@ -179,12 +179,12 @@ class RunConfig(Section):
 
 
 class EvalConfig(Section):
-    train_samples: int = Field(10000, gt=0)
-    test_samples: int = Field(10000, gt=0)
-    knn_k: int = Field(20, gt=0)
-    pool: Literal["avg", "cls"] = "avg"
-    batch_size: int = Field(500, gt=0)
-    probe_epochs: int = Field(30, gt=0)
+    train_samples: int = Field(10000, gt=0, description="train images the probes fit on")
+    test_samples: int = Field(10000, gt=0, description="test images the probes are scored on")
+    knn_k: int = Field(20, gt=0, description="neighbours of the kNN vote")
+    pool: Literal["avg", "cls"] = Field("avg", description="feature: mean of the patch tokens, or the class token")
+    batch_size: int = Field(500, gt=0, description="images per forward pass while extracting features")
+    probe_epochs: int = Field(30, gt=0, description="epochs of the linear probe")
 
 
 class Config(Section):

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from bimdist.model.backbone import Backbone
 from bimdist.runs import load_units, run_config
@@ -24,7 +24,9 @@ def export(run_dir: Path, depth: int, out: Path) -> tuple[Path, Path]:
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {out} should end in .safetensors (the kwargs go to the same name with .json)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"bimdist_step": str(step), "depth_blocks": str(depth)})
+    # safetensors' save_file creates the file 0600; written here it gets the mode the umask gives, as any tool's
+    # output does, so the other users of a shared cluster can read the model
+    out.write_bytes(save(state, metadata={"bimdist_step": str(step), "depth_blocks": str(depth)}))
     side = out.with_suffix(".json")
     side.write_text(json.dumps(kwargs, indent=1) + "\n")
     log.info("exported blocks 1..%d (%d layers, step %d) to %s and %s", depth, kwargs["depth"], step, out, side)

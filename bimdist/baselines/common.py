@@ -15,7 +15,7 @@ import torch.distributed as dist
 from bimdist.config import Config, load_config
 from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataStats, Position
-from bimdist.dist.env import LaunchError, detect, pick_backend, pick_device, set_cpu_threads
+from bimdist.distributed.env import LaunchError, detect, pick_backend, pick_device, set_cpu_threads
 
 
 def parse(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:

@@ -24,10 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from bimdist.config import Config, ConfigError, visible_counts
 from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataError, DataStats, Position
-from bimdist.dist.control import ControlBoard
-from bimdist.dist.groups import StageComm, all_max, all_min
-from bimdist.dist.topology import blocks_of_stage
-from bimdist.dist.transport import DATA, END, Message, PeerError, Transport
+from bimdist.distributed.control import ControlBoard
+from bimdist.distributed.groups import StageComm, all_max, all_min
+from bimdist.distributed.topology import blocks_of_stage
+from bimdist.distributed.transport import DATA, END, Message, PeerError, Transport
 from bimdist.model.unit import unit_indices
 from bimdist.telemetry.progress import Progress, StepRecord
 from bimdist.telemetry.trace import Timeline

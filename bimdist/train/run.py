@@ -14,12 +14,12 @@ import torch.distributed as dist
 
 from bimdist.config import Config, ConfigError
 from bimdist.data.stream import DataError
-from bimdist.dist.control import ControlBoard
-from bimdist.dist.env import LaunchError, RankEnv, detect, pick_backend, pick_device, set_cpu_threads
-from bimdist.dist.groups import init_comm
-from bimdist.dist.launch import spawn_local
-from bimdist.dist.topology import Topology, TopologyError, check_world
-from bimdist.dist.transport import PeerError
+from bimdist.distributed.control import ControlBoard
+from bimdist.distributed.env import LaunchError, RankEnv, detect, pick_backend, pick_device, set_cpu_threads
+from bimdist.distributed.groups import init_comm
+from bimdist.distributed.launch import spawn_local
+from bimdist.distributed.topology import Topology, TopologyError, check_world
+from bimdist.distributed.transport import PeerError
 from bimdist.runs import store_for
 from bimdist.telemetry.losslog import LossCSV, plot_losses
 from bimdist.telemetry.metrics import FileSDTarget, Metrics

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bimdist.dist.launch import free_port
+from bimdist.distributed.launch import free_port
 
 CONF = """\
 ClusterName=bimdisttest

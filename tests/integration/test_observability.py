@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bimdist.dist.launch import free_port
+from bimdist.distributed.launch import free_port
 from tests.conftest import ROOT, TINY, cli, start_cli, wait_for
 
 DEPLOY = ROOT / "deploy"

@@ -1,6 +1,9 @@
 """The single-process trainer end to end through the real CLI: learning, resume, eval, export, pictures."""
 
 import json
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,8 +127,11 @@ def test_eval_overrides_touch_only_the_eval_section(trained_fmnist):
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_export_loads_strictly_into_timm_and_matches(trained_fmnist, tmp_path, depth):
     out = tmp_path / f"d{depth}.safetensors"
-    proc = cli("export", str(trained_fmnist), "--depth", str(depth), "--out", str(out))
+    proc = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); from bimdist.cli import main; "
+                           f"sys.exit(main(['export', {str(trained_fmnist)!r}, '--depth', '{depth}', '--out', "
+                           f"{str(out)!r}]))"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's mode, readable by the cluster's other users
     kwargs = json.loads(out.with_suffix(".json").read_text())
     model = VisionTransformer(**kwargs).eval()
     model.load_state_dict(load_file(str(out)), strict=True)

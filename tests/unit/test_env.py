@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from bimdist.dist.env import core_slice
+from bimdist.distributed.env import core_slice
 from tests.conftest import ROOT
 
 
@@ -26,7 +26,7 @@ def _child_json(code: str, *args: str, env: dict[str, str] | None = None) -> dic
 
 
 def _threads_in_child(*args: str) -> dict:
-    code = ("import json, os, sys, torch; from bimdist.dist.env import set_cpu_threads; "
+    code = ("import json, os, sys, torch; from bimdist.distributed.env import set_cpu_threads; "
             "t, c = set_cpu_threads(int(sys.argv[1]), None, local_rank=int(sys.argv[2]), bind=sys.argv[3] == '1'); "
             "print(json.dumps({'threads': t, 'cores': c, 'torch': torch.get_num_threads(), "
             "'affinity': sorted(os.sched_getaffinity(0))}))")

@@ -1,6 +1,6 @@
 import pytest
 
-from bimdist.dist.topology import Topology, TopologyError, blocks_of_stage, check_world
+from bimdist.distributed.topology import Topology, TopologyError, blocks_of_stage, check_world
 
 
 @pytest.mark.parametrize("stages,replicas", [(1, 1), (2, 1), (4, 1), (2, 2), (3, 4)])

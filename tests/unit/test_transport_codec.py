@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bimdist.dist.transport import DATA, END, Message, PeerError, pack, parse_header, unpack
+from bimdist.distributed.transport import DATA, END, Message, PeerError, pack, parse_header, unpack
 
 
 def test_pack_roundtrip_mixed_dtypes():

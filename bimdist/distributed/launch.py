@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from bimdist.dist.topology import Topology
+from bimdist.distributed.topology import Topology
 from bimdist.train.signals import EXIT_OK, EXIT_PEER, EXIT_PREEMPTED
 
 log = logging.getLogger("bimdist.launch")

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from tests.conftest import ROOT, TINY, cli, ranks_of, same_weights, start_cli, wait_for
 

@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from bimdist.config import load_config
-from bimdist.dist.launch import free_port
+from bimdist.distributed.launch import free_port
 from bimdist.model.unit import build_unit
 from bimdist.telemetry.losslog import read_losses
 from tests.conftest import ROOT, SEQ_STEPS, TINY, cli, load_block, same_weights
@@ -62,7 +61,8 @@ def test_zero1_engine_matches_the_torch_engine(torch_engine_run, tmp_path):
     are shown to see the recomputed decoder's gradients once each."""
     proc = cli("train", str(TINY), f"--run.dir={tmp_path}", "--run.steps=16", "--optim.blr=4e-3",
                "--pipeline.stages=2", "--pipeline.replicas=2", "--pipeline.threads=1", "--pipeline.engine=deepspeed",
-               "--model.decoder_chunks=2", ZERO1, env={"TORCH_EXTENSIONS_DIR": ENV["TORCH_EXTENSIONS_DIR"]}, timeout=400)
+               "--model.decoder_chunks=2", ZERO1, env={"TORCH_EXTENSIONS_DIR": ENV["TORCH_EXTENSIONS_DIR"]},
+               timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "deepspeed" / "block_00" / "step_00000016").is_dir()
     cfg = load_config(str(TINY))

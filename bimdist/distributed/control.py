@@ -17,7 +17,8 @@ log = logging.getLogger("bimdist.control")
 
 class ControlBoard:
     def __init__(self, store: dist.Store):
-        """``store`` is the job's store, already namespaced per restart generation (see dist.groups.job_store)."""
+        """``store`` is the job's store, already namespaced per restart generation
+        (see ``bimdist.distributed.groups.job_store``)."""
         self.store = dist.PrefixStore("control/", store)
 
     def report_failure(self, who: str, message: str) -> None:
@@ -31,7 +32,7 @@ class ControlBoard:
         try:
             if self.store.add("failures", 0) < 1:
                 return None
-            return self.store.get(f"failure/1").decode()
+            return self.store.get("failure/1").decode()
         except Exception:  # noqa: BLE001
             return None
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bimdist.dist.env import RankEnv
-from bimdist.dist.topology import Coord, Topology, check_world
-from bimdist.dist.transport import PeerError
+from bimdist.distributed.env import RankEnv
+from bimdist.distributed.topology import Coord, Topology, check_world
+from bimdist.distributed.transport import PeerError
 
 
 @dataclass
@@ -34,14 +34,17 @@ class StageComm:
 
 def peer_name(topo: Topology, rank: int) -> str:
     c = topo.coord(rank)
-    return f"stage {c.stage} replica {c.replica} (rank {rank})" if topo.replicas > 1 else f"stage {c.stage} (rank {rank})"
+    if topo.replicas > 1:
+        return f"stage {c.stage} replica {c.replica} (rank {rank})"
+    return f"stage {c.stage} (rank {rank})"
 
 
 def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.device, startup_timeout_s: float,
               peer_timeout_s: float, generation: int = 0, engine_groups: bool = False) -> StageComm:
-    """``engine_groups``: also build a replica group for every stage even with one replica, and a one-rank
+    """Join the world and build every group in the same order on every rank (new_group is collective).
+
+    ``engine_groups``: also build a replica group for every stage even with one replica, and a one-rank
     group per rank (DeepSpeed asks for both through its ``mpu``)."""
-    """Join the world and build every group in the same order on every rank (new_group is collective)."""
     check_world(env.world_size, topo.stages, topo.replicas)
     try:
         store = job_store(env, timeout_s=startup_timeout_s, generation=generation)
