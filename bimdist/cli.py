@@ -127,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "train":
             cfg = load_config(args.config, rest)
+            from bimdist.distributed.env import detect
+
+            if detect(local_rank_arg=local_rank) is None and cfg.world_size > 1:
+                from bimdist.distributed.launch import launch_standalone
+
+                return launch_standalone(cfg, argv)  # spawns the ranks; imports no model code itself
             from bimdist.train.run import train
 
             return train(cfg, argv, fresh=args.fresh, local_rank_arg=local_rank)

@@ -4,7 +4,7 @@
 #   bash launch/demo.sh [extra --section.key=value overrides for bimdist train]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup.sh
+bash launch/setup.sh demo
 . .venv/bin/activate
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 RUN_DIR=${RUN_DIR:-runs/fmnist-tiny}

@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Set up bimdist on a Debian/Ubuntu machine: Debian packages (when apt is available and we are root), a virtual
-# environment in .venv with PyTorch and bimdist (editable, with the test extras). Safe to run again.
-#   bash launch/setup.sh            # everything
+# Set up bimdist on a Debian/Ubuntu machine: Debian packages (when apt is available and we are root), and a virtual
+# environment in .venv with PyTorch and bimdist (editable). Safe to run again.
+#   bash launch/setup.sh             # everything the test suite needs (Slurm, Prometheus, DeepSpeed, ...)
+#   bash launch/setup.sh demo        # only what the demo needs: Fashion-MNIST, PyTorch, bimdist
 #   BIMDIST_APT=0 bash launch/setup.sh   # skip the Debian packages
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PROFILE=${1:-test}
+case "$PROFILE" in
+  demo) APT_PACKAGES=(dataset-fashion-mnist); EXTRAS=eval; CHECK="import bimdist, timm, webdataset, sklearn" ;;
+  test) APT_PACKAGES=(dataset-fashion-mnist prometheus prometheus-pushgateway slurm-wlm munge docker-compose numactl)
+        EXTRAS=test; CHECK="import bimdist, timm, webdataset, sklearn, deepspeed, pytest, xdist" ;;
+  *) echo "setup: unknown profile '$PROFILE' (demo or test)" >&2; exit 2 ;;
+esac
 
-APT_PACKAGES=(dataset-fashion-mnist prometheus prometheus-pushgateway slurm-wlm munge docker-compose numactl)
 if [ "${BIMDIST_APT:-1}" = 1 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   missing=()
   for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -26,13 +33,14 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
   # torch 2.14.1 + torchvision 0.29.1 are the pair timm imports with here; setup.cfg only asks for torch>=2.4.
   pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
 fi
-if ! python -c "import bimdist, timm, webdataset, deepspeed, pytest" 2>/dev/null; then
-  echo "setup: installing bimdist and its dependencies"
-  DS_BUILD_OPS=0 pip install -q -e '.[test]' 2>&1 | grep -vE "is ignored|^\s*!!|WheelFile|with strategy" || true
+if ! python -c "$CHECK" 2>/dev/null; then
+  echo "setup: installing bimdist and its dependencies ($EXTRAS)"
+  DS_BUILD_OPS=0 pip install -q -e ".[$EXTRAS]" 2>&1 | grep -vE "is ignored|^\s*!!|WheelFile|with strategy" || true
 fi
 # DeepSpeed JIT-compiles its CPU communication op on first use (20-60 s); build it once into the cache.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-if [ ! -d "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm" ] && python -c "import torch,sys; sys.exit(torch.cuda.is_available())"; then
+if [ "$PROFILE" = test ] && [ ! -d "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm" ] \
+    && python -c "import torch,sys; sys.exit(torch.cuda.is_available())"; then
   echo "setup: pre-building DeepSpeed's shm_comm op into $TORCH_EXTENSIONS_DIR"
   python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
     >/dev/null 2>&1 || echo "setup: could not pre-build shm_comm (DeepSpeed will build it on first use)"

@@ -12,8 +12,10 @@ import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class LaunchError(RuntimeError):
@@ -109,6 +111,8 @@ def core_slice(cores: list[int], local_rank: int, local_processes: int) -> list[
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
+    import torch  # here, not at the top: the standalone launcher reads the environment without torch
+
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise LaunchError("pipeline.device is 'cuda' but no CUDA device is visible; use pipeline.device=cpu")
@@ -132,6 +136,8 @@ def set_cpu_threads(local_processes: int, requested: int | None, *, local_rank: 
     With ``bind`` the process is pinned to its own slice of the cores before any thread starts, so its torch,
     data and communication threads all inherit that slice (a stage's data work then costs its own cores, not a
     neighbour's). Returns the torch thread count and the cores this process may use."""
+    import torch
+
     cores = usable_cores()
     if bind:
         if not hasattr(os, "sched_setaffinity"):

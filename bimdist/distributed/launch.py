@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+from bimdist.config import Config
 from bimdist.distributed.topology import Topology
 from bimdist.train.signals import EXIT_OK, EXIT_PEER, EXIT_PREEMPTED
 
@@ -27,6 +28,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def launch_standalone(cfg: Config, argv: list[str]) -> int:
+    """``bimdist train`` outside any launcher with stages x replicas > 1: check, prepare the run folder, spawn.
+
+    Imports no model code: the ranks import what they need, and the launcher's own start stays short."""
+    from bimdist.telemetry.progress import setup_logging
+    from bimdist.train.rundir import prepare_run_dir
+
+    if cfg.pipeline.engine == "deepspeed":
+        from bimdist.train.ds_engine import build_ds_config
+
+        build_ds_config(cfg)  # unknown or conflicting keys fail here (ConfigError), before any process starts
+    setup_logging("launcher")
+    prepare_run_dir(cfg, write=True)
+    print(cfg.to_yaml(), flush=True)
+    topo = Topology(cfg.pipeline.stages, cfg.pipeline.replicas)
+    return spawn_local(argv, topo, grace_s=cfg.pipeline.peer_timeout_s + 30)
 
 
 def spawn_local(argv: list[str], topo: Topology, *, grace_s: float) -> int:

@@ -17,7 +17,7 @@ from bimdist.data.stream import DataError
 from bimdist.distributed.control import ControlBoard
 from bimdist.distributed.env import LaunchError, RankEnv, detect, pick_backend, pick_device, set_cpu_threads
 from bimdist.distributed.groups import init_comm
-from bimdist.distributed.launch import spawn_local
+from bimdist.distributed.launch import launch_standalone
 from bimdist.distributed.topology import Topology, TopologyError, check_world
 from bimdist.distributed.transport import PeerError
 from bimdist.runs import store_for
@@ -28,6 +28,7 @@ from bimdist.telemetry.summary import RankSummary
 from bimdist.telemetry.trace import Timeline
 from bimdist.train.checkpoint import CheckpointError, IncompatibleCheckpoint
 from bimdist.train.loop import Observer, StageLoop, StageResult
+from bimdist.train.rundir import prepare_run_dir
 from bimdist.train.signals import (
     EXIT_CHECKPOINT,
     EXIT_CONFIG,
@@ -39,23 +40,6 @@ from bimdist.train.signals import (
 )
 
 log = logging.getLogger("bimdist")
-
-
-def prepare_run_dir(cfg: Config, *, write: bool) -> Path:
-    """Create the run folder and save the resolved config; an unwritable folder is a config error."""
-    run_dir = Path(cfg.run.dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if write:
-            tmp = run_dir / ".config.yaml.tmp"
-            tmp.write_text(cfg.to_yaml())
-            os.replace(tmp, run_dir / "config.yaml")
-        probe = run_dir / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"run.dir {run_dir} is not writable ({e.strerror or e}); choose another --run.dir") from None
-    return run_dir
 
 
 def finalize(cfg: Config, run_dir: Path, step: int) -> None:
@@ -98,10 +82,7 @@ def train(cfg: Config, argv: list[str], *, fresh: bool = False, local_rank_arg: 
             print(str(e), file=sys.stderr)
             return EXIT_CONFIG
     if env is None and topo.world_size > 1:
-        setup_logging("launcher")
-        prepare_run_dir(cfg, write=True)
-        print(cfg.to_yaml(), flush=True)
-        return spawn_local(argv, topo, grace_s=cfg.pipeline.peer_timeout_s + 30)
+        return launch_standalone(cfg, argv)
     env = env or RankEnv(0, 1, 0, 1, "127.0.0.1", 0, "none")
     coord = topo.coord(env.rank) if env.rank < topo.world_size else None
     tag = f"rank={env.rank} stage={coord.stage} replica={coord.replica}" if coord and env.world_size > 1 else ""

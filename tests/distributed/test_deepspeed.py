@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from bimdist.cli import main
 from bimdist.config import load_config
 from bimdist.distributed.launch import free_port
 from bimdist.model.unit import build_unit
@@ -100,16 +101,27 @@ def test_engine_checkpoint_resume_is_exact(tmp_path):
     ({"pipeline": {"stages": 2}}, "bimdist runs its own stage pipeline"),
     ({"fp16": {"enabled": True}, "bf16": {"enabled": True}}, "both enabled"),
     ({"zero_optimization": {"stage": 3}}, "stage 3 is not supported"),
-    ({"zero_optimization": {"stag": 1}}, "deepspeed config: stag"),
 ])
-def test_bad_deepspeed_config_fails_before_training(tmp_path, ds_config, message):
+def test_bad_deepspeed_config_fails_before_any_process_starts(tmp_path, capsys, ds_config, message):
+    """bimdist's own checks run in the launcher, in this process: no rank is ever started."""
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds_config))
+    code = main(["train", str(TINY), f"--run.dir={tmp_path / 'run'}", "--pipeline.stages=2",
+                 "--pipeline.engine=deepspeed", f"--pipeline.deepspeed_config={path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_key_only_deepspeed_rejects_fails_before_training(tmp_path):
+    """DeepSpeed's own section models reject this one inside deepspeed.initialize, on every rank."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stag": 1}}))
     proc = cli("train", str(TINY), f"--run.dir={tmp_path / 'run'}", "--pipeline.stages=2",
                "--pipeline.engine=deepspeed", f"--pipeline.deepspeed_config={path}",
                env={"TORCH_EXTENSIONS_DIR": ENV["TORCH_EXTENSIONS_DIR"]}, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "deepspeed config: stag" in proc.stderr, proc.stderr[-2000:]
     assert "progress" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
