@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import RESULTS, Check, base_parser, md_table, write_results
+from benchmarks.common import RESULTS, Check, base_parser, md_table, newest_result, write_results
 from bimdist.config import Config, load_config, visible_counts
 from bimdist.distributed.launch import free_port
 from bimdist.model.unit import BlockUnit
@@ -65,17 +65,22 @@ def stage_costs(cfg: Config, *, wire: str = "bf16") -> list[dict]:
 
 
 def predict(costs: list[dict], *, flop_per_s: float, link_bytes_per_s: float, replicas: int = 1,
-            dp_bytes_per_s: float | None = None, batch_per_replica: int = 256, grad_bytes: int = 2) -> dict:
+            dp_bytes_per_s: float | None = None, batch_per_replica: int = 256, grad_bytes: int = 2,
+            data_samples_per_s: float | None = None) -> dict:
+    """``data_samples_per_s``: how fast one replica's stage 0 builds batches (None: the data path is free)."""
     t_compute = [c["flop"] / flop_per_s for c in costs]
     t_comm = [c["bytes_sent"] / link_bytes_per_s for c in costs]
+    t_data = 1 / data_samples_per_s if data_samples_per_s else 0.0
     t_dp = [0.0] * len(costs)
     if replicas > 1:
         bw = dp_bytes_per_s or link_bytes_per_s
         t_dp = [2 * (replicas - 1) / replicas * c["params"] * grad_bytes / bw / batch_per_replica for c in costs]
     per_stage = [tc + td for tc, td in zip(t_compute, t_dp)]
-    bottleneck = max(max(per_stage), max(t_comm))
+    bottleneck = max(max(per_stage), max(t_comm), t_data)
     slow = max(range(len(costs)), key=lambda i: per_stage[i])
-    if max(t_comm) > max(per_stage):
+    if t_data > max(max(per_stage), max(t_comm)):
+        limit = "data"
+    elif max(t_comm) > max(per_stage):
         limit = "activation link"
     elif t_dp[slow] > t_compute[slow]:
         limit = "gradient all-reduce"
@@ -84,6 +89,46 @@ def predict(costs: list[dict], *, flop_per_s: float, link_bytes_per_s: float, re
     # the bandwidth below which sending a stage's activations takes longer than computing them
     needed = max(c["bytes_sent"] / t for c, t in zip(costs, t_compute) if t > 0)
     return {"samples_per_s": replicas / bottleneck, "limited_by": limit, "link_needed_bytes_per_s": needed}
+
+
+# CPU cores per GPU of common 8-GPU nodes (physical cores, as the data benchmark counts them)
+NODES = {"DGX H100: 2 x 56 cores, 8 GPUs": 14, "AWS p5.48xlarge: 96 cores, 8 GPUs": 12}
+
+
+def data_rows(costs: list[dict], flop_per_s: float, batch: int) -> tuple[str, list[dict]]:
+    """ViT-B/16 on 4 stages over NVLink again, now with stage 0's data path measured by ``benchmarks.data``: its
+    samples per CPU-second times the cores a stage-0 rank gets on common nodes, or the measured GPU decode rate."""
+    found = newest_result("data")
+    if found is None:
+        return "\n\nNo `benchmarks.data` result yet: the data path is left out.", []
+    _, data = found
+    per_core, med = data["samples_per_cpu_s"], data["median_samples_per_s"]
+    link = LINKS_GBPS["NVLink (H100, 450 GB/s)"] * 1e9
+    points, rows = [], []
+    for node, cores in NODES.items():
+        for path, label in (("w2", "CPU decode, plain shards"), ("w0-max256", "CPU decode, --max-size 256 shards")):
+            for owner, n in ((f"its GPU's {cores} cores", cores - 1), (f"4 GPUs' {4 * cores} cores", 4 * cores - 4)):
+                rate = per_core[path] * n  # one core left to the rank itself (and to each other stage)
+                p = predict(costs, flop_per_s=flop_per_s, link_bytes_per_s=link, batch_per_replica=batch,
+                            data_samples_per_s=rate)
+                points.append({"node": node, "path": path, "stage0_cores": n, "data_samples_per_s": rate, **p})
+                rows.append([node, f"{label}; stage 0 uses {owner}", rate, p["samples_per_s"], p["limited_by"]])
+    if "gpu" in med:
+        p = predict(costs, flop_per_s=flop_per_s, link_bytes_per_s=link, batch_per_replica=batch,
+                    data_samples_per_s=med["gpu"])
+        points.append({"node": "measured card", "path": "gpu", "data_samples_per_s": med["gpu"], **p})
+        rows.append([data["machine"].get("gpu", "GPU"), "GPU decode (nvJPEG), measured", med["gpu"],
+                     p["samples_per_s"], p["limited_by"]])
+    else:
+        rows.append(["any", "GPU decode (nvJPEG): not measured yet (no GPU has run benchmarks.data)", "n/a", "n/a",
+                     "n/a"])
+    table = md_table(["node", "stage 0's data path", "data samples/s", "predicted samples/s", "limited by"], rows)
+    note = (f"\n\nWith the data path: ViT-B/16, 4 stages x 1 replica, NVLink, same compute assumptions. Data rates are "
+            f"`benchmarks.data`'s samples per CPU-second ({data['machine'].get('cpu', '?')}, {data['date'][:10]}: "
+            f"{per_core['w2']:.0f} on plain shards with 2 workers, {per_core['w0-max256']:.0f} on --max-size 256 "
+            "shards) times the cores a stage-0 rank gets: one GPU's share of the node, or the share of all four "
+            "stages' GPUs (the other stages need about one core each). Cores per GPU as the vendors list them.\n\n")
+    return note + table, points
 
 
 def _bandwidth_worker(rank: int, port: int, nbytes: int, reps: int, out: mp.SimpleQueue) -> None:
@@ -144,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                       "link needed to stay compute-bound, GB/s"], rows)
     table += (f"\n\nAssumes {args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s per GPU, bf16 activations on the "
               f"wire, batch {args.batch} per replica, gradient all-reduce over the same link.")
+    vit_b = stage_costs(load_config("vit-base-16", ["--run.precision=fp32"]))
+    data_table, record["data_path"] = data_rows(vit_b, gpu_rate, args.batch)
+    table += data_table
     measured = latest_throughput()
     if measured is not None and not args.quick:
         # per-stage costs under the same machine load as the pipeline (both stages stepping at once), when recorded

@@ -66,10 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     fm.add_argument("--src", type=Path, default=None, help="folder with the *-ubyte.gz files")
     fm.add_argument("--limit", type=int, default=None, help="keep only the first N images per split")
     fm.add_argument("--shard-size", type=int, default=5000)
+    fm.add_argument("--workers", type=int, default=None, help="processes (default: every core this one may use)")
     fo = psub.add_parser("folder", help="class-folder tree (SRC/train/<class>/...) -> shards")
     fo.add_argument("src", type=Path)
     fo.add_argument("--out", type=Path, required=True)
     fo.add_argument("--shard-size", type=int, default=1000)
+    fo.add_argument("--max-size", type=int, default=None,
+                    help="re-encode images whose shorter side is above N pixels to N (smaller shards, faster decode)")
+    fo.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    fo.add_argument("--workers", type=int, default=None, help="processes (default: every core this one may use)")
     tr = sub.add_parser("trace", help="pipeline timeline tools")
     tsub = tr.add_subparsers(dest="trace_verb", required=True)
     tm = tsub.add_parser("merge", help="merge per-rank spans into one Chrome/Perfetto trace JSON")
@@ -156,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             from bimdist.data import prepare
 
             if args.dataset == "fashion-mnist":
-                prepare.prepare_fashion_mnist(args.out, src=args.src, limit=args.limit, shard_size=args.shard_size)
+                prepare.prepare_fashion_mnist(args.out, src=args.src, limit=args.limit, shard_size=args.shard_size,
+                                              workers=args.workers)
             else:
-                prepare.prepare_folder(args.src, args.out, shard_size=args.shard_size)
+                prepare.prepare_folder(args.src, args.out, shard_size=args.shard_size, max_size=args.max_size,
+                                       quality=args.quality, workers=args.workers)
         elif args.verb == "trace":
             from bimdist.telemetry.trace import merge_traces
 

@@ -110,12 +110,21 @@ class DataConfig(Section):
     hflip: bool = True
     mean: list[float] = [0.2860]
     std: list[float] = [0.3530]
+    workers: int | Literal["auto"] = Field(
+        "auto", description="stage 0's decode processes: a count (0: the rank decodes on a thread of its own), or "
+        "auto = the cores this rank may use, less its torch threads")
+    jpeg_draft: bool = Field(True, description="decode a JPEG at 1/2, 1/4 or 1/8 scale when its crop allows it")
+    decode: Literal["cpu", "cuda"] = Field("cpu", description="cuda: workers read JPEGs, stage 0's GPU decodes and "
+                                           "crops whole batches (nvJPEG)")
+    timeout_s: float = Field(600.0, gt=0, description="a data worker that produces nothing this long is an error")
     epochs: int | None = Field(None, gt=0, description="stop when the data has been seen this often")
     synthetic_size: int = Field(4096, gt=0, description="samples per epoch of the synthetic source")
     log_corrupt_every: int = Field(100, gt=0, description="log every Nth skipped sample after the first")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
+        if isinstance(self.workers, int) and self.workers < 0:
+            raise ValueError(f"workers {self.workers} must be >= 0 or 'auto'")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"crop_scale {self.crop_scale} must satisfy 0 < low <= high <= 1")

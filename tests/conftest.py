@@ -92,8 +92,9 @@ def start_cli(*args: str, log_path: Path, env: dict | None = None) -> subprocess
 
 
 def ranks_of(pid: int) -> dict[int, int]:
-    """{RANK: pid} of the processes below ``pid`` that carry a RANK variable (torchrun or bimdist children)."""
-    out: dict[int, int] = {}
+    """{RANK: pid} of the processes below ``pid`` that carry a RANK variable (torchrun or bimdist children). A
+    rank's own children (its data workers) inherit the variable; they are not ranks."""
+    found: dict[int, tuple[int, int]] = {}  # pid -> (rank, parent pid)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -112,8 +113,8 @@ def ranks_of(pid: int) -> dict[int, int]:
         if pid in ancestors:
             for item in environ:
                 if item.startswith(b"RANK="):
-                    out[int(item[5:])] = int(proc.name)
-    return out
+                    found[int(proc.name)] = (int(item[5:]), ppid)
+    return {rank: p for p, (rank, ppid) in found.items() if found.get(ppid, (None,))[0] != rank}
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:

@@ -1,37 +1,28 @@
 """Raw sample streams with resumable positions: webdataset shards, or the synthetic source.
 
 A position is (epoch, samples taken in that epoch). Streams are deterministic given the seed, so resuming
-means regenerating the epoch's order and skipping ``offset`` samples *before* decoding them.
+means regenerating the epoch's order and skipping ``offset`` samples *before* decoding them. A stream yields one
+stage-0 replica's samples only: its own shards, or (synthetic) its rows of every global batch.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
-from bimdist.data.synthetic import synthetic_image
+from bimdist.data.tarindex import tar_samples
 from bimdist.model.masking import seed_for
 
 log = logging.getLogger("bimdist.data")
 
-IMAGE_KEYS = ("png", "jpg", "jpeg", "webp", "bmp")
-
-
 class DataError(RuntimeError):
     """The data cannot be used at all (no shards, too few shards); corrupt single samples are not errors."""
-
-
-class CorruptSample(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -48,6 +39,7 @@ class DataStats:
     shard_errors: int = 0
     log_every: int = 100
     opened: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # shard errors not yet reported (data workers)
 
     def skip(self, what: str, reason: str) -> None:
         self.corrupt += 1
@@ -71,8 +63,6 @@ def expand_shards(pattern: str) -> list[str]:
 class ShardStream:
     """This replica's share of the shards, shuffled per epoch (shard order, then a sample buffer)."""
 
-    global_order = False  # each replica reads its own shards; a batch is replica-local
-
     def __init__(self, pattern: str, *, seed: int, replica: int, replicas: int, shuffle_buffer: int,
                  stats: DataStats, epochs: int | None = None, shuffle_shards: bool = True):
         self.urls = expand_shards(pattern)
@@ -94,8 +84,8 @@ class ShardStream:
         return order[self.replica :: self.replicas]
 
     def _tar_error(self, exn: Exception) -> bool:
-        self.stats.shard_errors += 1
-        self.stats.skip("in a shard", f"{type(exn).__name__}: {exn}")
+        """Recorded, not counted: the reader that owns the place in the stream reports it (see data.loader)."""
+        self.stats.errors.append(("in a shard", f"{type(exn).__name__}: {exn}"))
         return True  # keep going with the next sample or shard
 
     def _open_logged(self, urls: list[str]) -> Iterator[dict]:
@@ -104,10 +94,24 @@ class ShardStream:
             log.debug("replica %d opens shard %s", self.replica, url)
             yield {"url": url}
 
+    def _indexed(self, urls: list[str]) -> Iterator[dict]:
+        """Local shards: samples whose members are ``MemberRef``s (the data workers read the bytes)."""
+        for url in urls:
+            self.stats.opened.append(url)
+            log.debug("replica %d opens shard %s", self.replica, url)
+            try:
+                yield from tar_samples(url)
+            except (OSError, ValueError) as e:  # the rest of this shard is lost; the stream goes on with the next
+                self._tar_error(e)
+
     def iterate(self, start: Position) -> Iterator[tuple[Position, RawSample]]:
         epoch = start.epoch
         while self.epochs is None or epoch < self.epochs:
-            samples = wds.tarfile_to_samples(handler=self._tar_error)(self._open_logged(self.shards_for_epoch(epoch)))
+            urls = self.shards_for_epoch(epoch)
+            if any("://" in u for u in urls):  # remote: streamed, bytes and all
+                samples = wds.tarfile_to_samples(handler=self._tar_error)(self._open_logged(urls))
+            else:
+                samples = self._indexed(urls)
             samples = wds.shuffle(self.buffer, initial=self.buffer, seed=seed_for(self.seed, 4, epoch, self.replica))(
                 samples
             )
@@ -124,12 +128,13 @@ class ShardStream:
 
 
 class SyntheticStream:
-    """The synthetic source in one global order; replicas take their rows of each global batch."""
+    """The synthetic source in one global order (sample i is a function of the seed and i); replica r takes rows
+    ``r*local:(r+1)*local`` of every global batch of ``batch`` samples."""
 
-    global_order = True
-
-    def __init__(self, *, size: int, seed: int, epochs: int | None = None):
+    def __init__(self, *, size: int, seed: int, epochs: int | None = None, replica: int = 0, replicas: int = 1,
+                 batch: int = 1):
         self.size, self.seed, self.epochs = size, seed, epochs
+        self.replica, self.local, self.batch = replica, batch // replicas, batch
 
     def iterate(self, start: Position) -> Iterator[tuple[Position, RawSample]]:
         epoch = start.epoch
@@ -138,7 +143,8 @@ class SyntheticStream:
             order = torch.randperm(self.size, generator=g).tolist()
             skip = start.offset if epoch == start.epoch else 0
             for j in range(skip, self.size):
-                yield Position(epoch, j + 1), RawSample((epoch, j, 0), {"synthetic": order[j]})
+                if ((epoch * self.size + j) % self.batch) // self.local == self.replica:  # global batches span epochs
+                    yield Position(epoch, j + 1), RawSample((epoch, j, 0), {"synthetic": order[j]})
             epoch += 1
 
 
@@ -148,28 +154,6 @@ def _exists(path: str) -> bool:
             return True
     except OSError:
         return False
-
-
-def decode(payload: dict, *, chans: int, size: int, seed: int) -> tuple[torch.Tensor, int]:
-    """A raw sample -> (uint8 [C, H, W], label). Raises CorruptSample for anything undecodable."""
-    if "synthetic" in payload:
-        return synthetic_image(payload["synthetic"], size=size, chans=chans, seed=seed)
-    data = next((payload[k] for k in IMAGE_KEYS if k in payload), None)
-    if data is None:
-        raise CorruptSample(f"no image field (has {sorted(k for k in payload if not k.startswith('__'))})")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            arr = np.asarray(im.convert("L" if chans == 1 else "RGB"))
-    except Exception as e:  # PIL raises many types for broken files
-        raise CorruptSample(f"undecodable image: {type(e).__name__}: {e}") from None
-    img = torch.from_numpy(arr.copy())
-    img = img.unsqueeze(0) if img.ndim == 2 else img.permute(2, 0, 1)  # [C, H, W]
-    try:
-        label = int(payload["cls"]) if "cls" in payload else -1
-    except ValueError:
-        raise CorruptSample(f"label {payload['cls'][:20]!r} is not an integer") from None
-    return img.contiguous(), label
 
 
 def sample_name(raw: RawSample) -> str:

@@ -66,6 +66,8 @@ class Metrics:
                                        buckets=STEP_BUCKETS, registry=r).labels(**self.labels)
         self.compute = counter("bimdist_compute_seconds", "Time spent computing (forward, backward, step)")
         self.recv_wait = counter("bimdist_recv_wait_seconds", "Time blocked waiting for input (data or upstream)")
+        self.data_wait = counter("bimdist_data_wait_seconds", "Stage 0: time blocked waiting for the next batch "
+                                 "from its data path (part of recv_wait)")
         self.send_wait = counter("bimdist_send_wait_seconds", "Time blocked on send backpressure from downstream")
         self.sent = counter("bimdist_sent_bytes", "Bytes sent to the next stage")
         self.received = counter("bimdist_received_bytes", "Bytes received from the previous stage")
@@ -116,6 +118,7 @@ class Metrics:
         self.step_duration.observe(rec.step_s)
         self.compute.inc(rec.compute_s)
         self.recv_wait.inc(rec.recv_wait_s)
+        self.data_wait.inc(rec.data_wait_s)
         self.send_wait.inc(rec.send_wait_s)
         self.sent.inc(max(0, rec.bytes_sent - self._sent))
         self.received.inc(max(0, rec.bytes_received - self._received))

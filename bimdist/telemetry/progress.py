@@ -40,6 +40,7 @@ class StepRecord:
     send_wait_s: float  # blocked on backpressure from the next stage
     lr: float
     skipped: int  # units whose update was dropped for non-finite gradients
+    data_wait_s: float = 0.0  # part of recv_wait_s: stage 0 waiting for its next batch (its data path is slow)
     bytes_sent: int = 0  # cumulative, from the transport
     bytes_received: int = 0  # cumulative
     in_flight: int = 0  # messages queued or being sent downstream
@@ -72,10 +73,11 @@ class Progress:
         flops = rec.flop / compute if compute > 0 else 0.0
         mfu = f" mfu={flops / rec.peak_flop_per_s:.3f}" if rec.peak_flop_per_s else ""
         log.info(
-            "progress stage=%d replica=%d step=%d/%d %s samples_per_s=%.1f recv_wait_s=%.3f send_wait_s=%.3f "
-            "compute_s=%.3f gflop_per_s=%.1f%s lr=%.3e skipped=%d",
+            "progress stage=%d replica=%d step=%d/%d %s samples_per_s=%.1f recv_wait_s=%.3f data_wait_s=%.3f "
+            "send_wait_s=%.3f compute_s=%.3f gflop_per_s=%.1f%s lr=%.3e skipped=%d",
             self.stage, self.replica, rec.step + 1, self.steps, losses, sum(r.samples for r in w) / elapsed,
-            sum(r.recv_wait_s for r in w) / len(w), sum(r.send_wait_s for r in w) / len(w),
+            sum(r.recv_wait_s for r in w) / len(w), sum(r.data_wait_s for r in w) / len(w),
+            sum(r.send_wait_s for r in w) / len(w),
             compute, flops / 1e9, mfu, rec.lr, sum(r.skipped for r in w),
         )
 

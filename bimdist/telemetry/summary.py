@@ -66,6 +66,8 @@ class RankSummary:
             "median_compute_s": statistics.median(r.compute_s for r in recs) if recs else None,
             "recv_wait_fraction": sum(r.recv_wait_s for r in recs) / total,
             "send_wait_fraction": sum(r.send_wait_s for r in recs) / total,
+            "data_wait_fraction": sum(r.data_wait_s for r in recs) / total,
+            "corrupt_samples": self.records[-1].corrupt if self.records else 0,
             "samples_per_s": (sum(r.samples for r in recs) / total) if recs else None,
             "step_flop": recs[-1].flop if recs else 0.0,
             "bytes_sent": recs[-1].bytes_sent if recs else 0,

@@ -112,6 +112,10 @@ class Prefetcher:
             self._put(self._done)
         except BaseException as e:  # noqa: BLE001 - re-raised on the consumer side
             self._put(e)
+        finally:
+            close = getattr(it, "close", None)  # a generator's cleanup (data workers) runs on its own thread
+            if close is not None:
+                close()
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -134,8 +138,9 @@ class StageLoop:
     def __init__(self, cfg: Config, run_dir: Path, *, comm: StageComm | None, device: torch.device,
                  stop: StopFlag, board: ControlBoard | None = None, fresh: bool = False,
                  observers: list[Observer] | None = None, engine_factory: Callable[..., Any] | None = None,
-                 timeline: Timeline | None = None):
+                 timeline: Timeline | None = None, data_workers: int = 0):
         self.cfg, self.run_dir, self.comm, self.device, self.stop = cfg, run_dir, comm, device, stop
+        self.data_workers = data_workers
         self.board = board
         self._stop_posted = False
         self.observers = observers or []
@@ -260,7 +265,9 @@ class StageLoop:
         if self.first:
             replicas = self.comm.topo.replicas if self.comm else 1
             prefetcher = Prefetcher(train_batches(self.cfg, replica=self.replica, replicas=replicas,
-                                                  start_step=start, start=position, stats=self.data_stats))
+                                                  start_step=start, start=position, stats=self.data_stats,
+                                                  workers=self.data_workers, device=self.device),
+                                    timeout_s=self.cfg.data.timeout_s)
             batches = iter(prefetcher)
         step, reason, losses = start, END_DONE, []
         every = self.cfg.checkpoint.every
@@ -311,6 +318,7 @@ class StageLoop:
                     stage=self.stage, replica=self.replica, step=step, blocks=self.blocks, losses=result.losses,
                     samples=images.shape[0], step_s=now - last_end, compute_s=now - t0,
                     recv_wait_s=(self.transport.recv_wait_s - recv0 if self.transport else 0.0) + data_wait,
+                    data_wait_s=data_wait,
                     send_wait_s=self.transport.send_wait_s - send0 if self.transport else 0.0,
                     lr=result.lr, skipped=result.skipped, corrupt=self.data_stats.corrupt,
                     bytes_sent=self.transport.bytes_sent if self.transport else 0,

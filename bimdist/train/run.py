@@ -13,9 +13,18 @@ from pathlib import Path
 import torch.distributed as dist
 
 from bimdist.config import Config, ConfigError
+from bimdist.data.loader import resolve_workers
 from bimdist.data.stream import DataError
 from bimdist.distributed.control import ControlBoard
-from bimdist.distributed.env import LaunchError, RankEnv, detect, pick_backend, pick_device, set_cpu_threads
+from bimdist.distributed.env import (
+    LaunchError,
+    RankEnv,
+    detect,
+    pick_backend,
+    pick_device,
+    set_cpu_threads,
+    usable_cores,
+)
 from bimdist.distributed.groups import init_comm
 from bimdist.distributed.launch import launch_standalone
 from bimdist.distributed.topology import Topology, TopologyError, check_world
@@ -134,6 +143,14 @@ class RankJob:
                                              local_rank=env.local_rank, bind=cfg.pipeline.bind_cores)
             log.info("cpu device: %d torch threads for %d local processes, %s cores %s", threads,
                      env.local_world_size, "bound to" if cfg.pipeline.bind_cores else "may use", cores)
+            share = len(cores) if cfg.pipeline.bind_cores else len(cores) // max(1, env.local_world_size)
+        else:  # a GPU rank's own host thread drives the device; the rest of its share of the cores can decode
+            threads, share = 1, len(usable_cores()) // max(1, env.local_world_size)
+        data_workers = 0
+        if coord.stage == 0:
+            data_workers = resolve_workers(cfg.data.workers, cores=share, torch_threads=threads)
+            log.info("stage 0 data: %d worker processes (data.workers=%s; %d cores for this rank, %d torch threads), "
+                     "decode on %s", data_workers, cfg.data.workers, share, threads, cfg.data.decode)
         run_dir = prepare_run_dir(cfg, write=env.rank == 0)
         if env.rank == 0:
             if env.launcher != "bimdist":  # the spawner already printed it
@@ -165,7 +182,7 @@ class RankJob:
                             else None, stage=coord.stage, replica=coord.replica)
         with summary.tracking(cfg.metrics.live_bytes):  # from before the model exists, so its params count
             self.loop = StageLoop(cfg, run_dir, comm=comm, device=device, stop=stop, board=self.board,
-                                  fresh=fresh, observers=observers, timeline=timeline)
+                                  fresh=fresh, observers=observers, timeline=timeline, data_workers=data_workers)
             result: StageResult = self.loop.run()
         if self.loop.last and self.loop.replica == 0 and result.exit_code == EXIT_OK:
             finalize(cfg, run_dir, self.loop.final_step)

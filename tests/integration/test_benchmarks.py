@@ -90,11 +90,23 @@ def test_cuda_wanted_without_gpu_is_refused(cmd):
     assert "Traceback" not in proc.stderr
 
 
+def test_data_quick(tmp_path):
+    r = bench("data", tmp_path)
+    med = r["median_samples_per_s"]
+    assert {"decode-simplejpeg", "legacy", "w0", "w0-nodraft", "w1", "w2", "w0-max256"} <= set(med)
+    assert all(v > 0 for v in med.values())
+    assert r["bytes_per_image"]["max256"] < r["bytes_per_image"]["plain"]
+    assert r["cores_to_feed"] > 0 and len(r["checks"]) >= 4
+    assert 0 < r["cores_busy"]["w0"] <= 1.5 and r["cores_busy"]["w2"] > r["cores_busy"]["w0"]
+
+
 def test_model_quick(tmp_path):
     r = bench("model", tmp_path)
     points = r["predictions"]["ViT-B/16"]["points"]
     assert points and all(p["samples_per_s"] > 0 for p in points)
     assert {p["limited_by"] for p in points} <= {"compute", "activation link", "gradient all-reduce"}
+    for p in r["data_path"]:  # from the newest data benchmark in benchmarks/results, when there is one
+        assert p["limited_by"] in {"compute", "data"} and p["data_samples_per_s"] > 0
     slow = [p for p in points if p["link"].startswith("Ethernet") and p["replicas"] == 1][0]
     fast = [p for p in points if p["link"].startswith("NVLink") and p["replicas"] == 1][0]
     assert slow["samples_per_s"] <= fast["samples_per_s"]

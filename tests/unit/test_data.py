@@ -1,4 +1,5 @@
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -8,15 +9,23 @@ import torch
 from PIL import Image
 
 from bimdist.config import load_config
-from bimdist.data.batches import Augment, train_batches
+from bimdist.data.batches import train_batches
+from bimdist.data.decode import CorruptSample, augmented, crop_params, decode_sample, image_bytes, label_of
 from bimdist.data.prepare import FASHION_MNIST_DIR, PrepareError, prepare_fashion_mnist, prepare_folder, read_idx
-from bimdist.data.stream import DataError, DataStats, Position, ShardStream, decode
+from bimdist.data.stream import DataError, DataStats, Position, RawSample, ShardStream
+from bimdist.data.tarindex import MemberReader
 from tests.conftest import FMNIST_MINI, TINY
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
                                 reason="needs the Debian package dataset-fashion-mnist (.ci/run installs it)")
 
 TRAIN = f"{FMNIST_MINI}/train-{{000000..000003}}.tar"
+
+
+def decoded(raw: RawSample, reader: MemberReader) -> tuple[torch.Tensor, int]:
+    """uint8 [C, H, W] and the label of a raw sample."""
+    payload = reader.materialize(raw.payload)
+    return torch.from_numpy(decode_sample(image_bytes(payload)[1], chans=1)).permute(2, 0, 1), label_of(payload)
 
 
 def test_prepare_fashion_mnist_writes_labelled_shards(tmp_path):
@@ -27,7 +36,8 @@ def test_prepare_fashion_mnist_writes_labelled_shards(tmp_path):
     pixels = read_idx(Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz")[:300]
     stream = ShardStream(str(tmp_path / info["train"]), seed=0, replica=0, replicas=1, shuffle_buffer=1,
                          stats=DataStats(), epochs=1, shuffle_shards=False)
-    got = [decode(raw.payload, chans=1, size=28, seed=0) for _, raw in stream.iterate(Position())]
+    reader = MemberReader()
+    got = [decoded(raw, reader) for _, raw in stream.iterate(Position())]
     assert [label for _, label in got] == labels.tolist()
     assert all(np.array_equal(img[0].numpy(), pixels[i]) for i, (img, _) in enumerate(got))
 
@@ -58,14 +68,14 @@ def test_prepare_folder_tree(tmp_path):
     stats = DataStats()
     stream = ShardStream(str(tmp_path / "out" / info["train"]), seed=0, replica=0, replicas=1, shuffle_buffer=1,
                          stats=stats, epochs=1)
-    decoded = []
+    views, reader = [], MemberReader()
     for _, raw in stream.iterate(Position()):
         try:
-            decoded.append(decode(raw.payload, chans=1, size=28, seed=0))
-        except ValueError:
+            views.append(decoded(raw, reader))
+        except CorruptSample:
             stats.skip("x", "bad")
-    assert len(decoded) == 8 and stats.corrupt == 1
-    assert sorted(label for _, label in decoded) == [0] * 4 + [1] * 4
+    assert len(views) == 8 and stats.corrupt == 1
+    assert sorted(label for _, label in views) == [0] * 4 + [1] * 4
 
 
 def test_corrupt_samples_are_skipped_counted_and_logged(caplog):
@@ -124,13 +134,27 @@ def test_synthetic_replicas_split_the_global_batch():
     assert torch.equal(torch.cat([h.ids_shuffle for h in halves]), whole.ids_shuffle)
 
 
-def test_augment_is_a_function_of_the_sample_seed_and_leaves_global_rng_alone():
-    img = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    aug = Augment(28, scale=(0.2, 1.0), hflip=True)
+def test_augmentation_is_a_function_of_the_sample_seed_and_leaves_global_rng_alone():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
     torch.manual_seed(123)
     expected_next = torch.rand(4)
     torch.manual_seed(123)
-    views = [aug(img, seed) for seed in (1, 2, 1)]
+    views = [augmented(buf.getvalue(), seed, chans=1, size=28, scale=(0.2, 1.0), hflip=True, draft=True)
+             for seed in (1, 2, 1)]
     assert torch.rand(4).equal(expected_next)  # the caller's random stream is unchanged
     assert views[0].equal(views[2]) and not views[0].equal(views[1])
-    assert views[0].shape == img.shape and views[0].dtype == torch.uint8
+    assert views[0].shape == (1, 28, 28) and views[0].dtype == torch.uint8
+
+
+def test_crop_params_follow_random_resized_crop():
+    """Inside the image, at an area fraction within the scale range (or the centre-crop fallback), and the same for
+    the same seed; flips happen about half of the time."""
+    params = [crop_params(seed, 300, 420, scale=(0.2, 1.0), hflip=True) for seed in range(400)]
+    for p in params:
+        assert 0 <= p.top and p.top + p.height <= 300 and 0 <= p.left and p.left + p.width <= 420
+        assert 0.19 <= p.height * p.width / (300 * 420) <= 1.01 and 3 / 4 - 0.02 <= p.width / p.height <= 4 / 3 + 0.02
+    assert params[7] == crop_params(7, 300, 420, scale=(0.2, 1.0), hflip=True)
+    assert 150 < sum(p.flip for p in params) < 250
+    assert not any(crop_params(s, 300, 420, scale=(0.2, 1.0), hflip=False).flip for s in range(50))
