@@ -188,12 +188,20 @@ class RunConfig(Section):
 
 
 class EvalConfig(Section):
-    train_samples: int = Field(10000, gt=0, description="train images the probes fit on")
-    test_samples: int = Field(10000, gt=0, description="test images the probes are scored on")
+    train_samples: int | None = Field(None, gt=0, description="train images the probes fit on (null: all)")
+    test_samples: int | None = Field(None, gt=0, description="test images the probes are scored on (null: all)")
     knn_k: int = Field(20, gt=0, description="neighbours of the kNN vote")
-    pool: Literal["avg", "cls"] = Field("avg", description="feature: mean of the patch tokens, or the class token")
+    pool: Literal["avg", "cls"] = Field("avg", description="feature: mean of the patch tokens (timm's pooled "
+                                        "output of the export), or the class token")
     batch_size: int = Field(500, gt=0, description="images per forward pass while extracting features")
-    probe_epochs: int = Field(30, gt=0, description="epochs of the linear probe")
+    probe_c: list[float] = Field([0.001, 0.01, 0.1, 1.0], min_length=1,
+                                 description="inverse regularisation strengths the linear probe chooses from")
+    holdout: float = Field(0.1, gt=0, lt=1, description="share of the train features that chooses C")
+    probe_search_samples: int | None = Field(10000, gt=0, description="train features each candidate C is fitted "
+                                             "on (null: all but the held-out share)")
+    probe_max_iter: int = Field(1000, gt=0, description="L-BFGS iterations per probe fit")
+    probe_epochs: int | None = Field(None, description="unused since the linear probe is scikit-learn's; "
+                                     "accepted so that the config.yaml of older runs still loads")
 
 
 class Config(Section):

@@ -75,8 +75,9 @@ def train_batches(cfg: Config, *, replica: int, replicas: int, start_step: int, 
             shutdown()
 
 
-def eval_images(cfg: Config, pattern: str, *, limit: int, stats: DataStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``limit`` decodable samples of ``pattern`` in shard order, centre-resized: uint8 and labels."""
+def eval_images(cfg: Config, pattern: str, *, limit: int | None, stats: DataStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``limit`` (None: all) decodable samples of ``pattern`` in shard order, centre-resized: uint8 and
+    labels."""
     stream = ShardStream(pattern, seed=cfg.run.seed, replica=0, replicas=1, shuffle_buffer=1, stats=stats,
                          epochs=1, shuffle_shards=False)
     images, labels = [], []
@@ -95,7 +96,7 @@ def eval_images(cfg: Config, pattern: str, *, limit: int, stats: DataStats) -> t
             continue
         images.append(view)
         labels.append(label)
-        if len(images) >= limit:
+        if limit is not None and len(images) >= limit:
             break
     if not images:
         raise DataError(f"no decodable samples in {pattern}")

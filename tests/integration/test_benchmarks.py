@@ -116,9 +116,22 @@ def test_model_quick(tmp_path):
 @pytest.mark.timeout(900)
 def test_accuracy_quick(tmp_path):
     r = bench("accuracy", tmp_path, timeout=900)
-    assert set(r["runs"]) == {"BIM, 4 blocks", "MAE", "BIM, 6 blocks", "BIM, 4 blocks + incremental masking"}
+    assert set(r["runs"]) == {"BIM", "MAE"}
     for run in r["runs"].values():
         names = [row["name"] for row in run["rows"]]
-        assert names[0] == "raw pixels" and names[1] == "depth 1"
+        assert names[0] == "raw pixels" and names[1] == "depth 1" and run["train_images"] == 256
         assert all(0 <= row["linear"] <= 100 and not math.isnan(row["knn"]) for row in run["rows"])
+        assert all(row["c"] in [0.001, 0.01, 0.1, 1.0] for row in run["rows"])  # the probe chose C from the grid
     assert len(r["checks"]) == 5 and all(isinstance(c["met"], bool) for c in r["checks"])
+
+
+@pytest.mark.timeout(900)
+def test_accuracy_ablation_quick(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--ablate", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = tmp_path.glob("accuracy-ablation_*_quick.json")
+    variants = json.loads(path.read_text())["variants"]
+    assert set(variants) == {"preset", "model 128 wide, 4 layers (same compute)"}
+    # the quick preset is 64 wide: the 128-wide variant costs more per step, so it gets fewer steps
+    assert variants["model 128 wide, 4 layers (same compute)"]["steps"] < variants["preset"]["steps"]

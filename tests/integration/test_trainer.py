@@ -119,7 +119,7 @@ def test_eval_overrides_touch_only_the_eval_section(trained_fmnist):
     assert bad_value.returncode == 2 and "config error: eval.pool: Input should be 'avg' or 'cls'" in bad_value.stderr
     other_section = cli("eval", str(trained_fmnist), "--run.steps=3")
     assert other_section.returncode == 2 and "only takes --eval.* overrides" in other_section.stderr
-    cls = cli("eval", str(trained_fmnist), "--eval.pool=cls", "--eval.probe_epochs=2")
+    cls = cli("eval", str(trained_fmnist), "--eval.pool=cls", "--eval.probe_c=[0.1]")
     assert cls.returncode == 0, cls.stderr
     assert [row["name"] for row in json.loads((trained_fmnist / "eval.json").read_text())["rows"]][-1] == "depth 4"
 

@@ -1,35 +1,39 @@
-"""The probes behind ``bimdist eval``: deterministic, and they separate what is separable."""
+"""The probes behind ``bimdist eval``: deterministic, they separate what is separable, and C comes from data."""
 
 import torch
 
 from bimdist.evaluate import knn, linear_probe
 
+CS = [0.001, 0.01, 0.1, 1.0]
 
-def _blobs(n: int, *, seed: int, separable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _blobs(n: int, *, seed: int, separable: bool, scale: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 4, (n,), generator=g)
-    centers = torch.randn(4, 16, generator=torch.Generator().manual_seed(99)) * 4.0
+    centers = torch.randn(4, 16, generator=torch.Generator().manual_seed(99)) * scale
     x = torch.randn(n, 16, generator=g) + (centers[y] if separable else 0.0)
     return x, y
 
 
-def test_linear_probe_is_a_function_of_its_seed_and_leaves_the_global_rng_alone():
-    xtr, ytr = _blobs(600, seed=1, separable=True)
-    xte, yte = _blobs(300, seed=2, separable=True)
+def test_linear_probe_is_a_function_of_its_inputs_and_seed():
+    xtr, ytr = _blobs(600, seed=1, separable=True, scale=0.6)
+    xte, yte = _blobs(300, seed=2, separable=True, scale=0.6)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    first = linear_probe(xtr, ytr, xte, yte, epochs=3, seed=5)
+    first = linear_probe(xtr, ytr, xte, yte, cs=CS, seed=5)
     assert torch.equal(torch.get_rng_state(), before)
     torch.manual_seed(456)  # a different global state must not change the result
-    assert linear_probe(xtr, ytr, xte, yte, epochs=3, seed=5) == first
+    assert linear_probe(xtr, ytr, xte, yte, cs=CS, seed=5) == first
+    assert first.c in CS and set(first.held_out) == set(CS)
+    assert first.held_out[first.c] == max(first.held_out.values())  # C is the held-out split's best
 
 
 def test_probes_separate_blobs_and_stay_near_chance_on_noise():
     xtr, ytr = _blobs(800, seed=1, separable=True)
     xte, yte = _blobs(400, seed=2, separable=True)
-    assert linear_probe(xtr, ytr, xte, yte, epochs=5) > 95.0
+    assert linear_probe(xtr, ytr, xte, yte, cs=CS).accuracy > 95.0
     assert knn(xtr, ytr, xte, yte, k=10) > 95.0
     ntr, nytr = _blobs(800, seed=3, separable=False)
     nte, nyte = _blobs(400, seed=4, separable=False)
-    assert linear_probe(ntr, nytr, nte, nyte, epochs=5) < 40.0
+    assert linear_probe(ntr, nytr, nte, nyte, cs=CS).accuracy < 40.0
     assert knn(ntr, nytr, nte, nyte, k=10) < 40.0
