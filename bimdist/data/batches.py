@@ -66,7 +66,8 @@ def train_batches(cfg: Config, *, replica: int, replicas: int, start_step: int, 
             if chunk is None:
                 return  # the data ended; a partial batch is dropped so every step has the same shape
             for images, labels, position in assembler.feed(chunk):
-                yield Batch(step=step, images=images, labels=labels, ids_shuffle=mask_order(cfg, step, rows),
+                ids = mask_order(cfg, step, rows)
+                yield Batch(step=step, images=images, labels=labels, ids_shuffle=ids.pin_memory() if cuda else ids,
                             position=position)
                 step += 1
     finally:

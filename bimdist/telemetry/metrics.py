@@ -73,6 +73,7 @@ class Metrics:
         self.received = counter("bimdist_received_bytes", "Bytes received from the previous stage")
         self.in_flight = gauge("bimdist_messages_in_flight", "Messages queued or being sent downstream")
         self.lr = gauge("bimdist_learning_rate", "Current learning rate")
+        self.grad_norm = gauge("bimdist_grad_norm", "Largest gradient norm over the stage's blocks, at log steps")
         self.last_step = gauge("bimdist_last_step_timestamp_seconds", "Unix time the last step finished")
         self.step = gauge("bimdist_step", "Index of the next step to run")
         self.target = gauge("bimdist_steps_target", "Steps this run is configured for (run.steps)")
@@ -126,6 +127,8 @@ class Metrics:
         self._sent, self._received, self._corrupt = rec.bytes_sent, rec.bytes_received, rec.corrupt
         self.in_flight.set(rec.in_flight)
         self.lr.set(rec.lr)
+        if rec.grad_norm is not None:
+            self.grad_norm.set(rec.grad_norm)
         self.skipped.inc(rec.skipped)
         if rec.flop and rec.compute_s > 0:
             self.step_flop.set(rec.flop)

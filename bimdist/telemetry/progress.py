@@ -45,6 +45,7 @@ class StepRecord:
     bytes_received: int = 0  # cumulative
     in_flight: int = 0  # messages queued or being sent downstream
     corrupt: int = 0  # cumulative skipped training samples (stage 0)
+    grad_norm: float | None = None  # largest gradient norm over the stage's units, on log steps (or with clipping)
     flop: float = 0.0  # floating-point operations of one step of this stage (counted once, on the first step)
     peak_flop_per_s: float | None = None  # the device's peak, when known (for MFU)
 
@@ -74,11 +75,12 @@ class Progress:
         mfu = f" mfu={flops / rec.peak_flop_per_s:.3f}" if rec.peak_flop_per_s else ""
         log.info(
             "progress stage=%d replica=%d step=%d/%d %s samples_per_s=%.1f recv_wait_s=%.3f data_wait_s=%.3f "
-            "send_wait_s=%.3f compute_s=%.3f gflop_per_s=%.1f%s lr=%.3e skipped=%d",
+            "send_wait_s=%.3f compute_s=%.3f gflop_per_s=%.1f%s lr=%.3e grad_norm=%s skipped=%d",
             self.stage, self.replica, rec.step + 1, self.steps, losses, sum(r.samples for r in w) / elapsed,
             sum(r.recv_wait_s for r in w) / len(w), sum(r.data_wait_s for r in w) / len(w),
             sum(r.send_wait_s for r in w) / len(w),
-            compute, flops / 1e9, mfu, rec.lr, sum(r.skipped for r in w),
+            compute, flops / 1e9, mfu, rec.lr, "n/a" if rec.grad_norm is None else f"{rec.grad_norm:.3g}",
+            sum(r.skipped for r in w),
         )
 
     def close(self) -> None:

@@ -173,15 +173,16 @@ class DeepSpeedEngine:
         self.scheduler = None if ds_scheduler is not None else build_scheduler(engine.optimizer, cfg)
         self.tag: str | None = None
 
-    def backward_step(self, loss: torch.Tensor, step: int) -> StepStats:
+    def backward_step(self, loss: torch.Tensor, step: int, *, log: bool = False) -> StepStats:
+        """DeepSpeed's engine reads its norm and overflow flag on the host itself; bimdist adds no further sync."""
         if self.scheduler is not None:
             self.scheduler.step_update(step + 1)
         self.module.backward(loss)
         self.module.step()
         norm = self.module.get_global_grad_norm()
         norm = float(norm) if norm is not None else math.nan
-        return StepStats(lr=float(self.module.get_lr()[0]), grad_norm=norm,
-                         skipped=not self.module.was_step_applied())
+        return StepStats(lr=float(self.module.get_lr()[0]), grad_norm=torch.tensor(norm),
+                         skipped=torch.tensor(float(not self.module.was_step_applied())))
 
     def save(self, step: int) -> None:
         """Collective over the whole job (DeepSpeed barriers): every stage saves the same step and tag."""

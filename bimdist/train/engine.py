@@ -2,11 +2,15 @@
 
 ``TorchEngine`` is AdamW + warmup/cosine (timm helpers) with DDP over the stage's replicas. A DeepSpeed engine
 implements the same four methods, so the stage loop does not care which one it drives.
+
+The step never waits on the device: the gradient norm is computed only when clipping needs it or the step is
+logged, a step with non-finite gradients is skipped on the device (the fused AdamW's ``found_inf``, as
+torch.amp.GradScaler does it), and what the step reports stays on the device until the loop reads a whole log
+window at once.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,14 +26,14 @@ from bimdist.config import Config
 @dataclass
 class StepStats:
     lr: float
-    grad_norm: float
-    skipped: bool  # non-finite gradients: the update was dropped
+    grad_norm: torch.Tensor | None  # 0-d, on the device; None when neither clipping nor logging needed it
+    skipped: torch.Tensor  # 0-d float on the device: 1 when non-finite gradients dropped the update
 
 
 class Engine(Protocol):
     module: nn.Module  # what the stage loop calls forward on (may be a DDP / DeepSpeed wrapper)
 
-    def backward_step(self, loss: torch.Tensor, step: int) -> StepStats: ...
+    def backward_step(self, loss: torch.Tensor, step: int, *, log: bool = False) -> StepStats: ...
 
     def save(self, step: int) -> None:
         """Called on every replica before replica 0 writes the block files (engines with sharded state)."""
@@ -57,22 +61,33 @@ class TorchEngine:
             self.module = DistributedDataParallel(unit, process_group=dp_group, broadcast_buffers=False,
                                                   device_ids=device_ids)
         groups = param_groups_weight_decay(unit, cfg.optim.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas)
+        # fused: one kernel per step, and it can skip a non-finite step on the device (found_inf)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas, fused=True)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.clip = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else math.inf
+        self.clip = cfg.optim.clip_grad
         self.params = [p for p in unit.parameters() if p.requires_grad]
 
-    def backward_step(self, loss: torch.Tensor, step: int) -> StepStats:
+    def backward_step(self, loss: torch.Tensor, step: int, *, log: bool = False) -> StepStats:
+        """Backward and AdamW step with no host sync: ``log`` asks for the gradient norm even without clipping."""
         self.scheduler.step_update(step + 1)  # step + 1: the first step already trains
         loss.backward()  # gradients start from None: every call ends by freeing them
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
-        skipped = not math.isfinite(norm)  # identical on every replica: gradients are already averaged
-        if not skipped:
-            self.optimizer.step()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = None
+        if self.clip is not None:  # foreach clipping scales by min(1, clip / norm) on the device
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
+        elif log:
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # identical on every replica: the gradients are already averaged
+        if norm is not None:
+            finite = norm.isfinite()
+        else:  # one norm per gradient tensor, all on the device
+            finite = torch.stack(torch._foreach_norm(grads)).isfinite().all() if grads else torch.tensor(True)
+        self.optimizer.found_inf = (~finite).float()  # read by the fused step: skip, and do not count the step
+        self.optimizer.step()
         # Free the gradients now, not at the next backward: otherwise they sit through the next forward, on top of
         # its activations. Block-wise, only the unit being stepped then holds gradients at all.
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(lr=self.optimizer.param_groups[0]["lr"], grad_norm=norm, skipped=skipped)
+        return StepStats(lr=self.optimizer.param_groups[0]["lr"], grad_norm=norm, skipped=self.optimizer.found_inf)
 
     def save(self, step: int) -> None:
         pass  # replicas hold identical optimizer states: replica 0's block file carries it

@@ -43,7 +43,7 @@ from bimdist.train.signals import (
     EXIT_PREEMPTED,
     StopFlag,
 )
-from bimdist.train.worker import StageWorker
+from bimdist.train.worker import StageWorker, StepResult
 
 log = logging.getLogger("bimdist.train")
 
@@ -172,6 +172,7 @@ class StageLoop:
         self.step_flop: float | None = None
         self.peak_flop_per_s = peak_flop_per_s(device, cfg.metrics.peak_tflops)
         self.timeline = timeline or Timeline(None, stage=self.stage, replica=self.replica)
+        self._window: list[tuple[StepRecord, StepResult]] = []  # steps run but not yet read from the device
 
     def _engine_factory(self) -> Callable[[Any], Any]:
         cfg, comm = self.cfg, self.comm
@@ -227,6 +228,33 @@ class StageLoop:
         self.saved_step = step
         log.info("checkpoint stage=%d replica=%d step=%d dir=%s", self.stage, self.replica, step,
                  self.store.step_dir(step))
+
+    # ---- reading the device's numbers, a log window at a time ----------------------------------------------
+    def _log_step(self, step: int) -> bool:
+        return (step + 1) % self.cfg.run.log_every == 0 or step + 1 == self.cfg.run.steps
+
+    def _flush(self, progress: Progress) -> list[float]:
+        """Read the window's losses, skip flags and gradient norms from the device in one transfer (the only
+        host read of the step's numbers), then hand the finished records to the observers in order."""
+        if not self._window:
+            return []
+        device = self._window[0][1].losses[0].device
+        norms = [s.grad_norm for s in self._window[-1][1].stats if s.grad_norm is not None]
+        flat = [v.to(device, torch.float32) for _, r in self._window for v in r.device_values()]
+        values = torch.stack(flat + [n.to(device, torch.float32) for n in norms]).tolist()
+        i = 0
+        for rec, r in self._window:
+            n, k = len(r.losses), len(r.stats)
+            rec.losses, rec.skipped = values[i : i + n], int(sum(values[i + n : i + n + k]))
+            i += n + k
+        self._window[-1][0].grad_norm = max(values[i:]) if norms else None
+        for rec, _ in self._window:
+            progress.update(rec)
+            for o in self.observers:
+                o.on_step(rec)
+        last = self._window[-1][0].losses
+        self._window.clear()
+        return last
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def _end_reason_stage0(self, step: int, batch: Batch | None) -> int | None:
@@ -305,31 +333,31 @@ class StageLoop:
                 data_wait = time.perf_counter() - t_wait if self.first else 0.0
                 emit = self._emit(step, ids, images) if not self.last else None
                 t0 = time.perf_counter()
+                logged = self._log_step(step)
                 with FlopCounterMode(display=False) if self.step_flop is None else contextlib.nullcontext() as fc:
                     result = self.worker.train_step(step=step, images=images, ids_shuffle=ids, tokens=tokens,
-                                                    emit=emit, phase=self.timeline.switch)
+                                                    emit=emit, phase=self.timeline.switch, log=logged)
                 if fc is not None:  # counted once: every step of a stage has the same shapes
                     self.step_flop = float(fc.get_total_flops())
                     log.info("stage %d: %.3f GFLOP per step (forward + backward, torch flop counter)", self.stage,
                              self.step_flop / 1e9)
                 now = time.perf_counter()
-                losses = result.losses
-                rec = StepRecord(
-                    stage=self.stage, replica=self.replica, step=step, blocks=self.blocks, losses=result.losses,
+                rec = StepRecord(  # losses, skips and the gradient norm are read when the window is flushed
+                    stage=self.stage, replica=self.replica, step=step, blocks=self.blocks, losses=[],
                     samples=images.shape[0], step_s=now - last_end, compute_s=now - t0,
                     recv_wait_s=(self.transport.recv_wait_s - recv0 if self.transport else 0.0) + data_wait,
                     data_wait_s=data_wait,
                     send_wait_s=self.transport.send_wait_s - send0 if self.transport else 0.0,
-                    lr=result.lr, skipped=result.skipped, corrupt=self.data_stats.corrupt,
+                    lr=result.lr, skipped=0, corrupt=self.data_stats.corrupt,
                     bytes_sent=self.transport.bytes_sent if self.transport else 0,
                     bytes_received=self.transport.bytes_received if self.transport else 0,
                     in_flight=self.transport.in_flight if self.transport else 0,
                     flop=self.step_flop or 0.0, peak_flop_per_s=self.peak_flop_per_s,
                 )
                 last_end = now
-                progress.update(rec)
-                for o in self.observers:
-                    o.on_step(rec)
+                self._window.append((rec, result))
+                if logged:
+                    losses = self._flush(progress)
                 step += 1
                 if self.stop.requested and self.board is not None and not self._stop_posted:
                     self.board.request_stop(self.stop.signal_name or "signal")  # reaches stage 0 wherever it came
@@ -342,6 +370,7 @@ class StageLoop:
                                   self.stop.signal_name, step)
                         reason = END_PREEMPT
                         break
+            losses = self._flush(progress) or losses
             # Drain: pass the END on first (an engine's checkpoint may be a job-wide barrier that the next
             # stage can only join once it has the END), then checkpoint at the step where the stream ended.
             if self.transport is not None and not self.last:

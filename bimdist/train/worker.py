@@ -21,16 +21,16 @@ from bimdist.train.engine import Engine, StepStats, TorchEngine
 
 @dataclass
 class StepResult:
-    losses: list[float]  # one per unit, in unit order
+    losses: list[torch.Tensor]  # one 0-d tensor per unit, in unit order, still on the device
     stats: list[StepStats]
 
     @property
     def lr(self) -> float:
         return self.stats[0].lr
 
-    @property
-    def skipped(self) -> int:
-        return sum(s.skipped for s in self.stats)
+    def device_values(self) -> list[torch.Tensor]:
+        """Losses, then each unit's skipped flag: what the loop reads, for a whole log window at once."""
+        return [*self.losses, *(s.skipped for s in self.stats)]
 
 
 EngineFactory = Callable[[BlockUnit], Engine]
@@ -59,8 +59,10 @@ class StageWorker:
         tokens: torch.Tensor | None,  # [n, 1+v, D] from the previous stage, or None at stage 0
         emit: Callable[[torch.Tensor], None] | None = None,
         phase: Callable[[str], None] = lambda name: None,
+        log: bool = False,
     ) -> StepResult:
-        """``phase`` is told when the step moves between compute / send-wait / decoder (the timeline)."""
+        """``phase`` is told when the step moves between compute / send-wait / decoder (the timeline); ``log``
+        marks a step whose gradient norms are wanted. Nothing here waits on the device."""
         losses, stats = [], []
         last = len(self.units) - 1
 
@@ -75,8 +77,8 @@ class StageWorker:
             with self.autocast:
                 out = engine.module(images, ids_shuffle, tokens,
                                     on_encoded=lambda t, handoff=(i == last): encoded(t, handoff=handoff))
-            stats.append(engine.backward_step(out.loss, step))
-            losses.append(float(out.loss.detach()))
+            stats.append(engine.backward_step(out.loss, step, log=log))
+            losses.append(out.loss.detach())
             tokens = out.tokens.float()
             del out  # frees this unit's graph before the next unit runs
         return StepResult(losses=losses, stats=stats)
