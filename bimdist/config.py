@@ -148,6 +148,8 @@ class PipelineConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     wire_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    host_staging: bool | Literal["auto"] = Field(
+        "auto", description="send activations through host buffers (auto: when ranks share a GPU and use gloo)")
     max_in_flight: int = Field(2, ge=1, description="sends queued or in progress before a stage blocks")
     prefetch: int = Field(2, ge=1, description="received messages buffered ahead of compute")
     peer_timeout_s: float = Field(120.0, gt=0, le=3600, description="silence after which a peer is dead")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -56,7 +57,7 @@ def prepare(cfg: Config) -> tuple[torch.device, str]:
     found = detect()
     try:
         device = pick_device(cfg.pipeline.device, found.local_rank if found else 0)
-        backend = pick_backend(cfg.pipeline.backend, device)
+        backend = pick_backend(cfg.pipeline.backend, device, local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     except LaunchError as e:
         raise SystemExit(f"error: {e}") from None
     if device.type == "cpu":  # as the trainer: thread and core limits are for CPU compute

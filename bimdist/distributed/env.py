@@ -121,12 +121,27 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_backend(choice: str, device: torch.device) -> str:
+def pick_backend(choice: str, device: torch.device, *, local_ranks: int = 1) -> str:
+    """NCCL for one GPU per rank, gloo on CPUs and when local ranks outnumber the GPUs (NCCL refuses two ranks on
+    one GPU: "duplicate GPU")."""
+    import torch
+
+    shared = device.type == "cuda" and local_ranks > torch.cuda.device_count()
     if choice == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
+        return "nccl" if device.type == "cuda" and not shared else "gloo"
     if choice == "nccl" and device.type != "cuda":
         raise LaunchError("pipeline.backend 'nccl' needs CUDA devices; use gloo on CPU")
+    if choice == "nccl" and shared:
+        raise LaunchError(f"{local_ranks} local ranks share {torch.cuda.device_count()} GPU(s) and NCCL needs one GPU "
+                          "per rank; use pipeline.backend=gloo (or auto), or start one rank per GPU")
     return choice
+
+
+def host_staging(choice: bool | str, device: torch.device, backend: str) -> bool:
+    """Whether activations cross through host buffers: ``True``/``False``, or ``auto``: CUDA tensors over gloo."""
+    if choice == "auto":
+        return device.type == "cuda" and backend == "gloo"
+    return bool(choice)
 
 
 def set_cpu_threads(local_processes: int, requested: int | None, *, local_rank: int = 0,

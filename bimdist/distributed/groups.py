@@ -25,6 +25,7 @@ class StageComm:
     prev: tuple[int, Any, str] | None  # (rank, link group, "stage k (rank r)")
     next: tuple[int, Any, str] | None
     store: Any = None  # the job's key-value store (control board, failure reports)
+    backend: str = "gloo"
     mp_group: Any = None  # a group of just this rank (DeepSpeed's "model parallel" group), when asked for
 
     @property
@@ -74,7 +75,7 @@ def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.devic
         if env.rank == a:
             nxt = (b, g, peer_name(topo, b))
     return StageComm(topo=topo, rank=env.rank, coord=topo.coord(env.rank), device=device, dp_group=dp_group,
-                     prev=prev, next=nxt, store=store, mp_group=mp_group)
+                     prev=prev, next=nxt, store=store, mp_group=mp_group, backend=backend)
 
 
 def job_store(env: RankEnv, *, timeout_s: float, generation: int) -> dist.Store:

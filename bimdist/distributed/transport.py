@@ -52,8 +52,9 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def pack(msg: Message, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Message -> (header int64 [HEADER_LEN], payload uint8 [bytes]) on ``device``."""
+def pack(msg: Message, device: torch.device, *, pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Message -> (header int64 [HEADER_LEN], payload uint8 [bytes]) on ``device`` (in pinned memory with ``pin``,
+    for a host buffer that a GPU copies to or from)."""
     if len(msg.tensors) > MAX_TENSORS:
         raise ValueError(f"a message carries at most {MAX_TENSORS} tensors, got {len(msg.tensors)}")
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
@@ -72,7 +73,11 @@ def pack(msg: Message, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
         if pad:
             chunks.append(torch.zeros(pad, dtype=torch.uint8, device=raw.device))
         offset += raw.numel() + pad
-    payload = torch.cat([c.to(device) for c in chunks]) if chunks else torch.zeros(0, dtype=torch.uint8, device=device)
+    payload = torch.empty(offset, dtype=torch.uint8, device=device, pin_memory=pin)
+    start = 0
+    for c in chunks:  # a device -> host copy per tensor when staging
+        payload[start : start + c.numel()].copy_(c)
+        start += c.numel()
     return header.to(device), payload
 
 
@@ -111,8 +116,14 @@ class Transport:
         prefetch: int,
         peer_timeout_s: float,
         startup_timeout_s: float,
+        host_staging: bool = False,
     ):
+        """``host_staging``: tensors cross through host buffers (pinned on a GPU), for a backend that cannot send
+        device tensors: gloo between ranks that share a GPU."""
         self.device = device
+        self.staging = host_staging
+        self.wire = torch.device("cpu") if host_staging else device  # where the bytes are when they are sent
+        self.pin = host_staging and device.type == "cuda"
         self.prev, self.next = prev, next
         self.peer_timeout = peer_timeout_s
         self.startup_timeout = startup_timeout_s
@@ -212,7 +223,7 @@ class Transport:
             try:
                 if ready is not None:
                     ready.synchronize()
-                header, payload = pack(msg, self.device)
+                header, payload = pack(msg, self.wire, pin=self.pin)
                 works = [dist.isend(header, rank, group=group)]
                 if payload.numel():
                     works.append(dist.isend(payload, rank, group=group))
@@ -233,11 +244,11 @@ class Transport:
         first = True
         while True:
             wait = timedelta(seconds=self.startup_timeout if first else self.peer_timeout)
-            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
             try:
                 dist.irecv(header, rank, group=group).wait(wait)
                 kind, step, reason, specs, nbytes = parse_header(header)
-                payload = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                payload = torch.empty(nbytes, dtype=torch.uint8, device=self.wire, pin_memory=self.pin)
                 if nbytes:
                     dist.irecv(payload, rank, group=group).wait(timedelta(seconds=self.peer_timeout))
             except Exception as e:  # noqa: BLE001
@@ -246,7 +257,10 @@ class Transport:
                 return
             first = False
             self.bytes_received += header.numel() * 8 + payload.numel()
-            self._inbox.put(Message(kind=kind, step=step, reason=reason, tensors=unpack(specs, payload)))
+            tensors = unpack(specs, payload)
+            if self.staging:  # host -> device, queued on the stream the compute thread uses, so it runs first
+                tensors = [t.to(self.device, non_blocking=self.pin, copy=True) for t in tensors]
+            self._inbox.put(Message(kind=kind, step=step, reason=reason, tensors=tensors))
             if kind == END:
                 return
 

@@ -25,6 +25,7 @@ from bimdist.config import Config, ConfigError, visible_counts
 from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataError, DataStats, Position
 from bimdist.distributed.control import ControlBoard
+from bimdist.distributed.env import host_staging
 from bimdist.distributed.groups import StageComm, all_max, all_min
 from bimdist.distributed.topology import blocks_of_stage
 from bimdist.distributed.transport import DATA, END, Message, PeerError, Transport
@@ -160,7 +161,8 @@ class StageLoop:
         if comm and (comm.prev or comm.next):
             self.transport = Transport(device=device, prev=comm.prev, next=comm.next, max_in_flight=p.max_in_flight,
                                        prefetch=p.prefetch, peer_timeout_s=p.peer_timeout_s,
-                                       startup_timeout_s=p.startup_timeout_s)
+                                       startup_timeout_s=p.startup_timeout_s,
+                                       host_staging=host_staging(p.host_staging, device, comm.backend))
         drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
         counts = visible_counts(cfg.model.num_patches, cfg.masking.mask_ratio, drops)
         self.next_visible = counts[self.blocks[-1] + 1] if not self.last else 0

@@ -172,7 +172,14 @@ class RankJob:
         comm = None
         if self.distributed:
             p = cfg.pipeline
-            comm = init_comm(env, topo, backend=pick_backend(p.backend, device), device=device,
+            backend = pick_backend(p.backend, device, local_ranks=env.local_world_size)
+            if device.type == "cuda" and env.local_rank == 0 and backend == "gloo":
+                import torch
+
+                log.warning("single-GPU mode: %d local ranks share %d GPU(s); gloo with host-staged activations "
+                            "(for tests and small demos: give each rank its own GPU for speed)", env.local_world_size,
+                            torch.cuda.device_count())
+            comm = init_comm(env, topo, backend=backend, device=device,
                              startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s,
                              generation=restart_count(), engine_groups=p.engine == "deepspeed")
             self.board = ControlBoard(comm.store)

@@ -48,6 +48,15 @@ def test_pipeline_equals_sequential_exactly(sequential, tmp_path, stages):
     assert same_weights(sequential, tmp_path, STEPS), f"weights differ at S={stages}"
 
 
+def test_host_staged_transport_changes_no_bit(sequential, tmp_path):
+    """Single-GPU mode's path (activations through host buffers, as gloo between ranks sharing a GPU needs),
+    forced on the CPU: the pipeline still equals the sequential trainer bit for bit."""
+    proc = cli("train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", "--pipeline.stages=2",
+               "--pipeline.threads=1", "--pipeline.host_staging=true", timeout=240)
+    _assert_clean_drain(proc, 2)
+    assert same_weights(sequential, tmp_path, STEPS)
+
+
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_two_stages_two_replicas_match_the_global_batch(sequential, tmp_path, chunks):
     """DDP over replicas; with decoder_chunks=3 the recomputed decoder must still hand DDP one gradient per
