@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bimdist", description="Block-wise masked image modeling, distributed.")
     p.add_argument("--version", action="version", version=f"bimdist {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND",
-                           help="train | export | eval | recon | data | trace (bimdist COMMAND --help for more)")
+                           help="train | doctor | export | eval | recon | data | trace (COMMAND --help for more)")
     t = sub.add_parser("train", help="train (spawns local stages when pipeline.stages x replicas > 1)",
                        epilog=TRAIN_HELP.format(presets=", ".join(preset_names())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("run_dir", type=Path)
     v.add_argument("--train-samples", type=int, default=None)
     v.add_argument("--test-samples", type=int, default=None)
+    dr = sub.add_parser("doctor", help="check this node for a job and predict its rate (under a minute)",
+                        epilog="Overrides take the form --section.key=value, as for train.")
+    dr.add_argument("config", nargs="?", help="YAML file or preset name")
+    dr.add_argument("--json", type=Path, default=None, help="also write the table and figures here")
     r = sub.add_parser("recon", help="write the reconstruction PNG of a run's newest checkpoint")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--out", type=Path, default=None)
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.verb != "train":
         setup_logging()
-        if rest and args.verb != "eval":
+        if rest and args.verb not in ("eval", "doctor"):
             print(f"bimdist {args.verb}: unexpected arguments {rest}", file=sys.stderr)
             return EXIT_CONFIG
         missing = missing_input(args)
@@ -141,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             from bimdist.train.run import train
 
             return train(cfg, argv, fresh=args.fresh, local_rank_arg=local_rank)
+        if args.verb == "doctor":
+            from bimdist.doctor import doctor
+
+            return doctor(load_config(args.config, rest), json_path=args.json)
         if args.verb == "export":
             from bimdist.export import export
 

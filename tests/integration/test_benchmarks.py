@@ -100,6 +100,15 @@ def test_data_quick(tmp_path):
     assert 0 < r["cores_busy"]["w0"] <= 1.5 and r["cores_busy"]["w2"] > r["cores_busy"]["w0"]
 
 
+def test_doctor_quick(tmp_path):
+    r = bench("doctor", tmp_path)
+    checks = dict(r["doctor"]["rows"])
+    assert {"versions", "cpu", "rank device and backend", "training shards", "stage 0 data", "stage step times",
+            "predicted pipeline rate"} <= set(checks)
+    assert r["predicted_samples_per_s"] > 0 and r["measured_samples_per_s"] > 0
+    assert r["doctor"]["figures"]["limited_by"] in {"compute", "link", "data"}
+
+
 def test_model_quick(tmp_path):
     r = bench("model", tmp_path)
     points = r["predictions"]["ViT-B/16"]["points"]

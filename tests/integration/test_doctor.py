@@ -1,0 +1,29 @@
+"""``bimdist doctor``: what a job needs and this node lacks is exit 2 with one line naming it and the fix."""
+
+import socket
+
+from tests.conftest import FMNIST_MINI, cli
+
+MINI = f"--data.train_shards={FMNIST_MINI}/train-{{000000..000003}}.tar"
+
+
+def test_missing_shards_exit_2_naming_the_pattern(tmp_path):
+    pattern = f"{tmp_path}/nothing-{{000000..000003}}.tar"
+    proc = cli("doctor", "fmnist-tiny", f"--data.train_shards={pattern}", timeout=120)
+    assert proc.returncode == 2
+    assert f"data.train_shards={pattern!r}" in proc.stderr and "4 of 4 shards are missing" in proc.stderr
+
+
+def test_a_taken_metrics_port_is_named():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = cli("doctor", "fmnist-tiny", MINI, f"--metrics.port={port}", timeout=120)
+    assert proc.returncode == 2 and f"metrics port {port} on 127.0.0.1 is taken" in proc.stderr
+
+
+def test_too_little_shared_memory_for_the_data_workers_is_named():
+    proc = cli("doctor", "vit-base-16", MINI, "--data.workers=100000", "--pipeline.stages=1", timeout=120)
+    assert proc.returncode == 2
+    assert "/dev/shm has" in proc.stderr and "100000 data workers need" in proc.stderr and "--shm-size" in proc.stderr
