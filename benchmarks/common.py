@@ -34,7 +34,8 @@ TOP_README = ROOT / "README.md"
 # result name -> the module whose ``checks(record)`` reads it, in the order of the headline table
 HEADLINE = {"throughput-preset": "benchmarks.throughput", "throughput-light": "benchmarks.throughput",
             "memory": "benchmarks.memory", "flops": "benchmarks.flops", "accuracy": "benchmarks.accuracy",
-            "data": "benchmarks.data", "model": "benchmarks.model", "doctor": "benchmarks.doctor"}
+            "data": "benchmarks.data", "data-gpu": "benchmarks.data", "model": "benchmarks.model",
+            "doctor": "benchmarks.doctor"}
 
 
 @dataclass(frozen=True)

@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=24, help="timed batches of 64 per measurement")
     parser.add_argument("--measure", default=None, help="internal: measure one contender, print JSON")
     parser.add_argument("--pattern", default=None, help="internal: the shards --measure reads")
+    parser.add_argument("--gpu-only", action="store_true", help="only the decode limit and GPU decode (GPU check)")
     args = parser.parse_args(argv)
     if args.measure:
         print(json.dumps(measure(args.measure.removesuffix("-max256"), args.pattern, batches=args.batches)))
@@ -244,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         args.images, args.rounds, args.batches = 160, 1, 2
     cores = usable_cores()
     kinds = [k for k in CONTENDERS if k != "gpu" or torch.cuda.is_available()]
+    if args.gpu_only:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu-only needs a CUDA device")
+        kinds = ["decode-simplejpeg", "gpu"]
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         tree = make_jpeg_tree(Path(tmp) / "jpeg", args.images)
@@ -267,17 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     busy = {k: statistics.median(r["cpu_cores_busy"] for r in v) for k, v in rounds.items()}
     per_core = {k: statistics.median(r["samples_per_cpu_s"] for r in v) for k, v in rounds.items()}
     feed = scaling_rate()
-    cpu_paths = [k for k in kinds if not k.startswith("decode-") and k not in ("gpu", "legacy")]
-    best = max(cpu_paths, key=per_core.get)
     record = {"images": args.images, "batch": BATCH, "rounds": rounds, "median_samples_per_s": med,
               "cores_busy": busy, "samples_per_cpu_s": per_core, "bytes_per_image": sizes,
-              "made_and_prepared_s": made_s, "machine_cores": len(cores), "scaling_model_rate": feed,
-              "cores_to_feed": feed / per_core[best], "best_per_core": best,
-              "cores_to_feed_plain_shards": feed / per_core["w2"]}
+              "made_and_prepared_s": made_s, "machine_cores": len(cores), "scaling_model_rate": feed}
     rows = [[CONTENDERS[k], len(cores) if k in ALL_CORES else 1, busy[k], med[k], per_core[k],
              min(r["samples_per_s"] for r in rounds[k]), max(r["samples_per_s"] for r in rounds[k])] for k in kinds]
     table = md_table(["contender", "cores it may use", "cores busy", "samples/s (median)", "samples per CPU-second",
                       "min samples/s", "max"], rows)
+    if args.gpu_only:
+        table += (f"\n\nGPU decode on this card: {med['gpu']:,.0f} samples/s of 224 px batches of {BATCH} "
+                  f"({args.images} ImageNet-shaped JPEGs, median of {args.rounds} rounds).\n")
+        table += "\n".join(c.line() for c in checks(record))
+        write_results("data-gpu", record, table, args, checks=checks)
+        return 0
+    cpu_paths = [k for k in kinds if not k.startswith("decode-") and k not in ("gpu", "legacy")]
+    best = max(cpu_paths, key=per_core.get)
+    record.update(cores_to_feed=feed / per_core[best], best_per_core=best,
+                  cores_to_feed_plain_shards=feed / per_core["w2"])
     table += (f"\n\n224 px batches of {BATCH} (vit-base-16's augmentation: RandomResizedCrop(0.2, 1) + flip, and "
               f"the masking order), {args.images} ImageNet-shaped JPEGs made from Fashion-MNIST "
               f"({sizes['plain'] / 1e3:.0f} KB each; {sizes['max256'] / 1e3:.0f} KB after --max-size 256), median "
@@ -312,7 +323,7 @@ def checks(record: dict) -> list[Check]:
         per = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(rounds[a], rounds[b])]
         return Check(target, statistics.median(per), want, note=f"; rounds {[round(r, 2) for r in per]}")
 
-    out = [
+    out = [] if "w0" not in rounds else [
         ratio("w0", "decode-simplejpeg", "stage 0 on one core (b) / JPEG decode alone", 0.6),
         ratio("w0-max256", "legacy", "--max-size 256 shards (f) / the path before (a)", 1.5),
         ratio("w2", "w1", "2 workers (e) / 1 worker (d)", 1.8),

@@ -173,6 +173,7 @@ def targets(q: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--only", default=None, help="run only the plans whose name contains this (e.g. ViT-B)")
     args = parser.parse_args(argv)
     if args.quick:
         plans = [("tiny (quick)", str(ROOT / "tests/assets/tiny.yaml"), [], 32, [2], 2, 4)]
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                   1024, [4, 6], 3, 8),
                  ("ViT-B/16 224px, batch 64", "vit-base-16", ["--run.precision=fp32", "--model.decoder_depth=1"], 64,
                   [4], 2, 8)]
+    plans = [p for p in plans if args.only is None or args.only in p[0]]
     results = [measure(*plan) for plan in plans]
     rows = []
     for r in results:

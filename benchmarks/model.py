@@ -66,9 +66,10 @@ def stage_costs(cfg: Config, *, wire: str = "bf16") -> list[dict]:
 
 def predict(costs: list[dict], *, flop_per_s: float, link_bytes_per_s: float, replicas: int = 1,
             dp_bytes_per_s: float | None = None, batch_per_replica: int = 256, grad_bytes: int = 2,
-            data_samples_per_s: float | None = None) -> dict:
-    """``data_samples_per_s``: how fast one replica's stage 0 builds batches (None: the data path is free)."""
-    t_compute = [c["flop"] / flop_per_s for c in costs]
+            data_samples_per_s: float | None = None, stage_s_per_sample: list[float] | None = None) -> dict:
+    """``data_samples_per_s``: how fast one replica's stage 0 builds batches (None: the data path is free);
+    ``stage_s_per_sample``: measured compute time per sample of each stage, instead of FLOPs / (peak x MFU)."""
+    t_compute = stage_s_per_sample or [c["flop"] / flop_per_s for c in costs]
     t_comm = [c["bytes_sent"] / link_bytes_per_s for c in costs]
     t_data = 1 / data_samples_per_s if data_samples_per_s else 0.0
     t_dp = [0.0] * len(costs)
@@ -89,6 +90,28 @@ def predict(costs: list[dict], *, flop_per_s: float, link_bytes_per_s: float, re
     # the bandwidth below which sending a stage's activations takes longer than computing them
     needed = max(c["bytes_sent"] / t for c, t in zip(costs, t_compute) if t > 0)
     return {"samples_per_s": replicas / bottleneck, "limited_by": limit, "link_needed_bytes_per_s": needed}
+
+
+def measured_rows(costs: list[dict], batch: int) -> tuple[str, list[dict]]:
+    """ViT-B/16 again, from the per-stage step times ``benchmarks.stages`` measured on a GPU (bf16, batch 256)
+    instead of the MFU assumption."""
+    found = newest_result("stages")
+    if found is None or not found[1].get("device", "").startswith("cuda"):
+        return ("\n\nNo GPU has run `benchmarks.stages` yet: the predictions above assume the MFU; tests/gpu/run.sh "
+                "measures the stage times on the first GPU it gets."), []
+    _, stages = found
+    card, per_sample = stages["machine"].get("gpu", "GPU"), [s["step_s"] / stages["batch"] for s in stages["stages"]]
+    points, rows = [], []
+    for link, gbps in LINKS_GBPS.items():
+        for replicas in (1, 2, 8):
+            p = predict(costs, flop_per_s=1.0, link_bytes_per_s=gbps * 1e9, replicas=replicas,
+                        dp_bytes_per_s=gbps * 1e9, batch_per_replica=batch, stage_s_per_sample=per_sample)
+            points.append({"link": link, "replicas": replicas, **p})
+            rows.append([f"4 x {replicas} = {4 * replicas}", link, p["samples_per_s"], p["limited_by"]])
+    mfu = ", ".join(f"{100 * s['mfu']:.0f}%" for s in stages["stages"] if s.get("mfu"))
+    note = (f"\n\nFrom measured stage times: ViT-B/16 stages timed on {card} ({stages['date'][:10]}, bf16, batch "
+            f"{stages['batch']}; MFU per stage {mfu or 'n/a'}), in place of the MFU assumption.\n\n")
+    return note + md_table(["GPUs (stages x replicas)", "link", "predicted samples/s", "limited by"], rows), points
 
 
 # CPU cores per GPU of common 8-GPU nodes (physical cores, as the data benchmark counts them)
@@ -192,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     vit_b = stage_costs(load_config("vit-base-16", ["--run.precision=fp32"]))
     data_table, record["data_path"] = data_rows(vit_b, gpu_rate, args.batch)
     table += data_table
+    measured_table, record["measured_stages"] = measured_rows(vit_b, args.batch)
+    table += measured_table
     measured = latest_throughput()
     if measured is not None and not args.quick:
         # per-stage costs under the same machine load as the pipeline (both stages stepping at once), when recorded

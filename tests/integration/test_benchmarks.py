@@ -109,6 +109,12 @@ def test_doctor_quick(tmp_path):
     assert r["doctor"]["figures"]["limited_by"] in {"compute", "link", "data"}
 
 
+def test_stages_quick(tmp_path):
+    r = bench("stages", tmp_path)
+    assert [s["stage"] for s in r["stages"]] == [0, 1]
+    assert all(s["samples_per_s"] > 0 and s["step_flop"] > 0 for s in r["stages"])
+
+
 def test_model_quick(tmp_path):
     r = bench("model", tmp_path)
     points = r["predictions"]["ViT-B/16"]["points"]
