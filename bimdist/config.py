@@ -156,6 +156,11 @@ class PipelineConfig(Section):
     startup_timeout_s: float = Field(600.0, gt=0, description="wait for the first message / rendezvous")
     threads: int | None = Field(None, gt=0, description="torch threads per process (default: cores / procs)")
     bind_cores: bool = Field(False, description="CPU: pin each local process to its own cores / procs slice")
+    stage_restarts: int = Field(3, ge=0, description="restarts of one dead stage process before the job ends (0: "
+                                "a dead stage ends the job); needs a supervisor that restarts single ranks")
+    replay: bool = Field(True, description="keep sent messages until the next stage's restart point, so a "
+                         "restarted stage recomputes exactly (off: it resumes at the current step and skips)")
+    replay_memory_mb: int = Field(512, ge=1, description="replay log kept in memory; the rest spills to run.dir")
     engine: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: str | dict[str, Any] | None = None
 

@@ -1,9 +1,26 @@
-"""Process groups for one rank: the world, its stage's data-parallel group, and its two activation links."""
+"""How one rank reaches the others, rebuilt per generation from the job's store, so that a restarted stage rejoins
+without the rest of the job restarting.
+
+- The job's store: hosted by the launcher or the Slurm batch step when they can (``BIMDIST_STORE_EXTERNAL=1``: it
+  outlives every rank), else by rank 0 (then stage 0 cannot be restarted alone), and by torchrun's agent under
+  torchrun. Namespaced by whole-job restart generation.
+- An incarnation per rank (``BIMDIST_INCARNATION``: how often its supervisor restarted it), published in the store.
+- A ``Link`` per pipeline neighbour: a two-rank process group named after both ends' incarnations. After its peer
+  died, a rank waits for the peer's next incarnation and builds the link again; only the restarted rank's own
+  links are rebuilt.
+- A ``ReplicaGroup`` per stage (R > 1): the stage's replicas, rebuilt the same way when one of them comes back.
+
+No collective includes the whole world after start-up: the start-up agreement on the resume step goes through the
+store as well. DeepSpeed's engine needs torch.distributed's world group, so with it the job also joins the world
+(and a dead stage then ends the job, as before).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -14,23 +31,9 @@ from bimdist.distributed.env import RankEnv
 from bimdist.distributed.topology import Coord, Topology, check_world
 from bimdist.distributed.transport import PeerError
 
+log = logging.getLogger("bimdist.comm")
 
-@dataclass
-class StageComm:
-    topo: Topology
-    rank: int
-    coord: Coord
-    device: torch.device
-    dp_group: Any  # None when the stage has a single replica
-    prev: tuple[int, Any, str] | None  # (rank, link group, "stage k (rank r)")
-    next: tuple[int, Any, str] | None
-    store: Any = None  # the job's key-value store (control board, failure reports)
-    backend: str = "gloo"
-    mp_group: Any = None  # a group of just this rank (DeepSpeed's "model parallel" group), when asked for
-
-    @property
-    def distributed(self) -> bool:
-        return self.topo.world_size > 1
+ATTEMPT_S = 20.0  # one try at building a group; retried under a fresh epoch until the deadline
 
 
 def peer_name(topo: Topology, rank: int) -> str:
@@ -40,66 +43,237 @@ def peer_name(topo: Topology, rank: int) -> str:
     return f"stage {c.stage} (rank {rank})"
 
 
-def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.device, startup_timeout_s: float,
-              peer_timeout_s: float, generation: int = 0, engine_groups: bool = False) -> StageComm:
-    """Join the world and build every group in the same order on every rank (new_group is collective).
+def incarnation() -> int:
+    """How often this rank's supervisor restarted it (0: first start)."""
+    value = os.environ.get("BIMDIST_INCARNATION", "0")
+    return int(value) if value.isdigit() else 0
 
-    ``engine_groups``: also build a replica group for every stage even with one replica, and a one-rank
-    group per rank (DeepSpeed asks for both through its ``mpu``)."""
+
+def _make_group(store: dist.Store, *, backend: str, rank: int, size: int, timeout: timedelta) -> Any:
+    """A process group object of ``size`` ranks that rendezvous in ``store`` (not registered with the world)."""
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, opts)
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+class _Rebuildable:
+    """A group of ranks rebuilt from the store whenever a member's incarnation changes."""
+
+    def __init__(self, store: dist.Store, *, members: list[int], me: int, name: str, backend: str,
+                 timeout_s: float, device: torch.device | str = "cpu"):
+        self.store, self.members, self.me, self.name, self.device = store, members, me, name, device
+        self.backend, self.timeout_s = backend, timeout_s
+        self.group: Any = None
+        self.incarnations: list[int] = []
+
+    def _current(self, *, deadline: float) -> list[int]:
+        keys = [f"inc/{r}" for r in self.members]
+        try:
+            self.store.wait(keys, timedelta(seconds=max(1.0, deadline - time.monotonic())))
+        except Exception:  # noqa: BLE001
+            raise PeerError(f"{self.name}: not every member published its incarnation in time") from None
+        return [int(self.store.get(k)) for k in keys]
+
+    def connect(self, *, timeout_s: float) -> None:
+        """Build the group, retrying until ``timeout_s`` passes (a member may be starting or restarting).
+
+        Each try rendezvous under a fresh prefix, ``NAME/epoch/E``, so that no try reads the addresses a failed
+        one left behind. The lowest member leads: it opens epoch E, tries it, and opens E+1 if that fails; the
+        others always join the newest epoch the leader opened, so every member meets the leader in its current
+        try. A round trip ends each try: building can succeed on one side and time out on the other."""
+        deadline = time.monotonic() + timeout_s
+        epoch_key = f"{self.name}/epoch"
+        leader = self.me == min(self.members)
+        last: Exception | None = None
+        tried = 0
+        while time.monotonic() < deadline:
+            if leader:
+                epoch = self.store.add(epoch_key, 1)
+            else:
+                epoch = self.store.add(epoch_key, 0)
+                if epoch <= tried:  # nothing newer opened yet: wait for the leader
+                    time.sleep(0.1)
+                    continue
+            tried = epoch
+            attempt = timedelta(seconds=max(1.0, min(ATTEMPT_S, deadline - time.monotonic())))
+            log.debug("%s: %s tries epoch %d", self.name, "leader" if leader else "follower", epoch)
+            try:
+                group = _make_group(dist.PrefixStore(f"{self.name}/epoch/{epoch}/", self.store), backend=self.backend,
+                                    rank=self.members.index(self.me), size=len(self.members), timeout=attempt)
+                check = torch.zeros(1, device=self.device if self.backend == "nccl" else "cpu")
+                group.allreduce([check]).wait(attempt)
+            except Exception as e:  # noqa: BLE001 - a member not there yet, or gone again
+                log.debug("%s: epoch %d failed: %s", self.name, epoch, _short(e))
+                last = e
+                continue
+            self.group = group
+            self.incarnations = self._current(deadline=deadline)
+            return
+        raise PeerError(f"{self.name}: could not connect within {timeout_s:.0f} s ({_short(last)})")
+
+    def wait_for_restart(self, *, timeout_s: float) -> None:
+        """After a failure: wait until some other member's incarnation moves past the one this group was built
+        with (its supervisor restarted it), then build the group again."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            incs = self._current(deadline=deadline)
+            if any(new > old for new, old in zip(incs, self.incarnations)):
+                break
+            if time.monotonic() > deadline:
+                raise PeerError(f"{self.name}: no member came back within {timeout_s:.0f} s "
+                                "(pipeline.peer_timeout_s)")
+            time.sleep(0.2)
+        self.connect(timeout_s=max(1.0, deadline - time.monotonic()))
+
+
+class Link(_Rebuildable):
+    """One pipeline link, ``sender`` -> ``receiver``: this rank is one end of it."""
+
+    def __init__(self, store: dist.Store, *, sender: int, receiver: int, me: int, peer_label: str, backend: str,
+                 timeout_s: float, device: torch.device | str = "cpu"):
+        super().__init__(store, members=[sender, receiver], me=me, name=f"link/{sender}-{receiver}",
+                         backend=backend, timeout_s=timeout_s, device=device)
+        self.peer = receiver if me == sender else sender
+        self.peer_label = peer_label  # "stage k (rank r)", for messages
+        self.peer_index = self.members.index(self.peer)
+
+
+class ReplicaGroup(_Rebuildable):
+    """The replicas of one stage: gradient averaging and the stage-0 replicas' agreements."""
+
+    def allreduce(self, tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> None:
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = op
+        self.group.allreduce([tensor], opts).wait(timedelta(seconds=self.timeout_s))
+
+    def broadcast(self, tensor: torch.Tensor, *, root: int) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        self.group.broadcast([tensor], opts).wait(timedelta(seconds=self.timeout_s))
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+
+@dataclass
+class StageComm:
+    topo: Topology
+    rank: int
+    coord: Coord
+    device: torch.device
+    store: Any  # the job's store (control board, incarnations, restart points)
+    backend: str
+    incarnation: int = 0
+    recoverable: bool = False  # a dead neighbour is waited for (its supervisor restarts it), not fatal
+    prev: Link | None = None
+    next: Link | None = None
+    replicas: ReplicaGroup | None = None  # None with a single replica
+    dp_group: Any = None  # registered world subgroups, for DeepSpeed's engine only
+    mp_group: Any = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def distributed(self) -> bool:
+        return self.topo.world_size > 1
+
+
+def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.device, startup_timeout_s: float,
+              peer_timeout_s: float, generation: int = 0, engine_groups: bool = False,
+              recoverable: bool = False) -> StageComm:
+    """Connect this rank's links (and its stage's replica group) through the job's store.
+
+    ``engine_groups``: also join the world and build DeepSpeed's groups (a replica group per stage, a one-rank
+    group per rank), which DeepSpeed asks for through its ``mpu``."""
     check_world(env.world_size, topo.stages, topo.replicas)
+    store = job_store(env, timeout_s=startup_timeout_s, generation=generation)
+
+    def client() -> dist.Store:
+        """A connection of its own: a TCPStore client serves one request at a time, and a group's rendezvous
+        blocks in the store for as long as it waits for its peer."""
+        return job_store(env, timeout_s=startup_timeout_s, generation=generation, client=True)
+
+    inc = incarnation()
+    store.set(f"inc/{env.rank}", str(inc))
+    comm = StageComm(topo=topo, rank=env.rank, coord=topo.coord(env.rank), device=device, store=store,
+                     backend=backend, incarnation=inc, recoverable=recoverable)
+    if engine_groups:
+        _world_groups(comm, env, store, backend=backend, startup_timeout_s=startup_timeout_s,
+                      peer_timeout_s=peer_timeout_s)
+    prev, nxt = topo.prev_rank(env.rank), topo.next_rank(env.rank)
+    if prev is not None:
+        comm.prev = Link(client(), sender=prev, receiver=env.rank, me=env.rank, peer_label=peer_name(topo, prev),
+                         backend=backend, timeout_s=peer_timeout_s, device=device)
+    if nxt is not None:
+        comm.next = Link(client(), sender=env.rank, receiver=nxt, me=env.rank, peer_label=peer_name(topo, nxt),
+                         backend=backend, timeout_s=peer_timeout_s, device=device)
+    if topo.replicas > 1 and not engine_groups:
+        comm.replicas = ReplicaGroup(client(), members=topo.stage_group(comm.coord.stage), me=env.rank,
+                                     name=f"replicas/{comm.coord.stage}", backend=backend, timeout_s=peer_timeout_s,
+                                     device=device)
+        comm.replicas.connect(timeout_s=startup_timeout_s)
+    return comm
+
+
+def _world_groups(comm: StageComm, env: RankEnv, store: dist.Store, *, backend: str, startup_timeout_s: float,
+                  peer_timeout_s: float) -> None:
     try:
-        store = job_store(env, timeout_s=startup_timeout_s, generation=generation)
-        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(seconds=startup_timeout_s))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore("world/", store), rank=env.rank,
+                                world_size=env.world_size, timeout=timedelta(seconds=startup_timeout_s))
     except dist.DistError as e:
         raise PeerError(f"could not join the job at {env.master_addr}:{env.master_port} as rank {env.rank} of "
                         f"{env.world_size} within {startup_timeout_s:.0f} s ({str(e).splitlines()[0][:200]}); "
                         "check MASTER_ADDR/MASTER_PORT and that every rank was started") from None
     peer = timedelta(seconds=peer_timeout_s)
-    dp_group = mp_group = None
-    if topo.replicas > 1 or engine_groups:
-        for s in range(topo.stages):
-            g = dist.new_group(topo.stage_group(s), timeout=peer, backend=backend)
-            if env.rank in topo.stage_group(s):
-                dp_group = g
-    if engine_groups:
-        for r in range(topo.world_size):
-            g = dist.new_group([r], timeout=peer, backend=backend)
-            if r == env.rank:
-                mp_group = g
-    prev = nxt = None
-    for a, b in topo.links():
-        g = dist.new_group([a, b], timeout=peer, backend=backend)
-        if env.rank == b:
-            prev = (a, g, peer_name(topo, a))
-        if env.rank == a:
-            nxt = (b, g, peer_name(topo, b))
-    return StageComm(topo=topo, rank=env.rank, coord=topo.coord(env.rank), device=device, dp_group=dp_group,
-                     prev=prev, next=nxt, store=store, mp_group=mp_group, backend=backend)
+    topo = comm.topo
+    for s in range(topo.stages):
+        g = dist.new_group(topo.stage_group(s), timeout=peer, backend=backend)
+        if env.rank in topo.stage_group(s):
+            comm.dp_group = g
+    for r in range(topo.world_size):
+        g = dist.new_group([r], timeout=peer, backend=backend)
+        if r == env.rank:
+            comm.mp_group = g
 
 
-def job_store(env: RankEnv, *, timeout_s: float, generation: int) -> dist.Store:
-    """The job's TCPStore, namespaced by restart generation.
+def job_store(env: RankEnv, *, timeout_s: float, generation: int, client: bool = False) -> dist.Store:
+    """The job's TCPStore, namespaced by whole-job restart generation.
 
     torchrun keeps one store across restarts: without the prefix, a restarted rank can read the dead
-    generation's gloo addresses and wait on a peer that no longer exists. Under torchrun every rank is a
-    client of the agent's store; otherwise rank 0 hosts it at MASTER_ADDR:MASTER_PORT.
+    generation's addresses and wait on a peer that no longer exists. Under torchrun every rank is a client of the
+    agent's store; with ``BIMDIST_STORE_EXTERNAL=1`` (bimdist's launcher, the per-task Slurm script) every rank is
+    a client of the supervisor's; otherwise rank 0 hosts it at MASTER_ADDR:MASTER_PORT. ``client``: one more
+    connection to the store (never the host).
     """
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(env.master_addr, env.master_port, world_size=None if agent else env.world_size,
-                          is_master=env.rank == 0 and not agent, timeout=timedelta(seconds=timeout_s),
-                          wait_for_workers=False)
+    external = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or os.environ.get(
+        "BIMDIST_STORE_EXTERNAL") == "1"
+    try:
+        store = dist.TCPStore(env.master_addr, env.master_port, world_size=None if external else env.world_size,
+                              is_master=env.rank == 0 and not external and not client,
+                              timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+    except (dist.DistError, RuntimeError) as e:
+        raise PeerError(f"could not reach the job's store at {env.master_addr}:{env.master_port} within "
+                        f"{timeout_s:.0f} s ({str(e).splitlines()[0][:200]}); check MASTER_ADDR/MASTER_PORT") from None
     return dist.PrefixStore(f"bimdist/gen{generation}/", store)
 
 
-def all_min(value: int, group: Any = None, *, device: torch.device) -> int:
-    """The minimum of ``value`` over ``group`` (the world by default)."""
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return int(t.item())
+def agree_min(store: dist.Store, *, key: str, value: int, rank: int, world: int, timeout_s: float) -> int:
+    """The minimum of every rank's ``value`` through the store (a start-up agreement, not a collective)."""
+    store.set(f"{key}/{rank}", str(value))
+    keys = [f"{key}/{r}" for r in range(world)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001
+        missing = [k for k in keys if not store.check([k])]
+        raise PeerError(f"ranks {[int(k.rsplit('/', 1)[1]) for k in missing]} did not report {key} within "
+                        f"{timeout_s:.0f} s") from None
+    return min(int(store.get(k)) for k in keys)
 
 
-def all_max(values: list[int], group: Any, *, device: torch.device) -> list[int]:
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return [int(v) for v in t.tolist()]
+def _short(e: BaseException | None) -> str:
+    if e is None:
+        return "no attempt finished"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

@@ -1,27 +1,36 @@
-"""Standalone launch: ``bimdist train CONFIG --pipeline.stages=4`` outside any launcher spawns its own ranks.
+"""Standalone launch: ``bimdist train CONFIG --pipeline.stages=4`` outside any launcher spawns its own ranks and
+supervises them.
 
-The parent starts one ``python -m bimdist`` child per rank with the torchrun-style environment, forwards
-signals to them, and if one child fails gives the others a bounded grace period to notice (they name the
-dead stage themselves) before killing what is left. No child outlives the parent's wait.
+The parent hosts the job's store (so that it outlives any rank), starts one ``python -m bimdist`` child per rank
+with the torchrun-style environment, and forwards signals to them. A rank that dies (a signal, a crash) is started
+again alone, as the next incarnation of that rank, up to ``pipeline.stage_restarts`` times; its neighbours wait
+for it and the job goes on. Beyond that, or for a failure a restart cannot cure (bad config, no data, full disk),
+the others get a bounded grace period to notice (they name the dead stage themselves) before what is left is
+killed. Children get SIGTERM if the launcher dies (PR_SET_PDEATHSIG) and every rank watches its parent, so no rank
+outlives its supervisor: it checkpoints, exits and says why.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 from bimdist.config import Config
 from bimdist.distributed.topology import Topology
-from bimdist.train.signals import EXIT_OK, EXIT_PEER, EXIT_PREEMPTED
+from bimdist.train.signals import EXIT_ERROR, EXIT_OK, EXIT_PEER, EXIT_PREEMPTED
 
 log = logging.getLogger("bimdist.launch")
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+PR_SET_PDEATHSIG = 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,69 +54,154 @@ def launch_standalone(cfg: Config, argv: list[str]) -> int:
     prepare_run_dir(cfg, write=True)
     print(cfg.to_yaml(), flush=True)
     topo = Topology(cfg.pipeline.stages, cfg.pipeline.replicas)
-    return spawn_local(argv, topo, grace_s=cfg.pipeline.peer_timeout_s + 30)
+    restarts = cfg.pipeline.stage_restarts if cfg.pipeline.engine == "torch" else 0
+    return spawn_local(argv, topo, grace_s=cfg.pipeline.peer_timeout_s + 30, restarts=restarts)
 
 
-def spawn_local(argv: list[str], topo: Topology, *, grace_s: float) -> int:
-    """Run every rank on this machine; returns the job's exit code."""
-    port = free_port()
-    world = topo.world_size
-    procs: list[subprocess.Popen] = []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), BIMDIST_SPAWNED="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "bimdist", *argv], env=env))
-    log.info("spawned %d local ranks (%d stages x %d replicas), pids %s", world, topo.stages, topo.replicas,
-             [p.pid for p in procs])
+def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: int = 0) -> int:
+    """Run and supervise every rank on this machine; returns the job's exit code."""
+    from datetime import timedelta
 
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
+    import torch.distributed as dist  # the store: the launcher's only torch import
 
-    previous = {s: signal.signal(s, forward) for s in FORWARDED}
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
+    supervisor = Supervisor(argv, topo, port=store.port, restarts=restarts, grace_s=grace_s)
+    previous = {s: signal.signal(s, supervisor.forward) for s in FORWARDED}
     try:
-        return _wait(procs, topo, grace_s=grace_s)
+        return supervisor.run()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        del store
 
 
-def _describe(topo: Topology, rank: int, code: int) -> str:
-    c = topo.coord(rank)
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
-    return f"rank {rank} (stage {c.stage}, replica {c.replica}) {how}"
+class Supervisor:
+    def __init__(self, argv: list[str], topo: Topology, *, port: int, restarts: int, grace_s: float):
+        self.argv, self.topo, self.port, self.restarts, self.grace_s = argv, topo, port, restarts, grace_s
+        self.procs: list[subprocess.Popen] = []
+        self.incarnations = [0] * topo.world_size
+        self.deaths: list[list[int]] = [[] for _ in range(topo.world_size)]  # exit codes of dead incarnations
 
+    def start(self, rank: int, *, died_at: float | None = None) -> subprocess.Popen:
+        world = self.topo.world_size
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.port),
+                   BIMDIST_SPAWNED="1", BIMDIST_STORE_EXTERNAL="1", BIMDIST_INCARNATION=str(self.incarnations[rank]),
+                   BIMDIST_SUPERVISED="1" if self.restarts else "0")
+        if died_at is not None:
+            env["BIMDIST_DIED_AT"] = f"{died_at:.3f}"
+        return subprocess.Popen([sys.executable, "-m", "bimdist", *self.argv], env=env, preexec_fn=_sigterm_with_parent)
 
-def _wait(procs: list[subprocess.Popen], topo: Topology, *, grace_s: float) -> int:
-    first_failure: tuple[int, int] | None = None
-    deadline: float | None = None
-    while True:
-        codes = [p.poll() for p in procs]
-        for rank, code in enumerate(codes):
-            if code not in (None, EXIT_OK, EXIT_PREEMPTED) and first_failure is None:
+    def forward(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    def run(self) -> int:
+        self.stopping = False
+        self.procs = [self.start(rank) for rank in range(self.topo.world_size)]
+        log.info("spawned %d local ranks (%d stages x %d replicas), pids %s; a dead stage is restarted alone up "
+                 "to %d times", self.topo.world_size, self.topo.stages, self.topo.replicas,
+                 [p.pid for p in self.procs], self.restarts)
+        first_failure: tuple[int, int] | None = None
+        deadline: float | None = None
+        while True:
+            for rank, p in enumerate(self.procs):
+                code = p.poll()
+                if code in (None, EXIT_OK, EXIT_PREEMPTED) or first_failure is not None:
+                    continue
+                if self._restart(rank, code):
+                    continue
                 first_failure = (rank, code)
-                deadline = time.monotonic() + grace_s
-                log.error("%s; waiting up to %.0f s for the other ranks to stop", _describe(topo, rank, code), grace_s)
-        if all(c is not None for c in codes):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            for rank, p in enumerate(procs):
-                if p.poll() is None:
-                    log.error("rank %d did not stop within %.0f s of the failure; killing it", rank, grace_s)
-                    p.kill()
-            for p in procs:
-                p.wait(timeout=30)
-            break
-        time.sleep(0.2)
-    codes = [p.returncode for p in procs]
-    if first_failure is not None:
-        # A rank that only lost its neighbour exits EXIT_PEER; prefer the rank with the cause (a crash, a
-        # full disk, a kill) when both are seen.
-        causes = [(r, c) for r, c in enumerate(codes) if c not in (EXIT_OK, EXIT_PREEMPTED, EXIT_PEER)]
-        rank, code = first_failure if first_failure[1] != EXIT_PEER or not causes else causes[0]
-        log.error("job failed: %s (exit codes by rank: %s)", _describe(topo, rank, code), codes)
-        return code if code > 0 else EXIT_PEER
-    if any(c == EXIT_PREEMPTED for c in codes):
-        return EXIT_PREEMPTED
-    return EXIT_OK
+                deadline = time.monotonic() + self.grace_s
+                log.error("%s; waiting up to %.0f s for the other ranks to stop", self.describe(rank, code),
+                          self.grace_s)
+                if self.deaths[rank] and len(self.deaths[rank]) > self.restarts:
+                    self._end_others()
+            codes = [p.poll() for p in self.procs]
+            if all(c is not None for c in codes):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                for rank, p in enumerate(self.procs):
+                    if p.poll() is None:
+                        log.error("rank %d did not stop within %.0f s of the failure; killing it", rank, self.grace_s)
+                        p.kill()
+                for p in self.procs:
+                    p.wait(timeout=30)
+                break
+            time.sleep(0.2)
+        return self.outcome(first_failure)
+
+    def _restart(self, rank: int, code: int) -> bool:
+        """Start a dead rank again if its failure is one a restart can cure and it has restarts left."""
+        curable = code < 0 or code == EXIT_ERROR  # killed, or crashed; not bad input, missing data or a full disk
+        if not curable or self.stopping:
+            return False
+        self.deaths[rank].append(code)
+        if len(self.deaths[rank]) > self.restarts:
+            c = self.topo.coord(rank)
+            log.error("stage %d (replica %d, rank %d) died %d times (exit codes %s), more than "
+                      "pipeline.stage_restarts=%d: ending the job", c.stage, c.replica, rank, len(self.deaths[rank]),
+                      self.deaths[rank], self.restarts)
+            return False
+        died_at = time.time()
+        self.incarnations[rank] += 1
+        self.procs[rank] = self.start(rank, died_at=died_at)
+        log.warning("%s; restarting it alone (restart %d of %d, pid %d)", self.describe(rank, code),
+                    len(self.deaths[rank]), self.restarts, self.procs[rank].pid)
+        return True
+
+    def _end_others(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+
+    def describe(self, rank: int, code: int) -> str:
+        c = self.topo.coord(rank)
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        return f"rank {rank} (stage {c.stage}, replica {c.replica}) {how}"
+
+    def outcome(self, first_failure: tuple[int, int] | None) -> int:
+        codes = [p.returncode for p in self.procs]
+        if first_failure is not None:
+            rank, code = first_failure
+            if self.deaths[rank] and len(self.deaths[rank]) > self.restarts:
+                log.error("job failed: stage %d died more than pipeline.stage_restarts=%d times (exit codes %s; "
+                          "last exit codes by rank: %s)", self.topo.coord(rank).stage, self.restarts,
+                          self.deaths[rank], codes)
+                return EXIT_PEER
+            # A rank that only lost its neighbour exits EXIT_PEER; prefer the rank with the cause (a crash, a
+            # full disk, a kill) when both are seen.
+            causes = [(r, c) for r, c in enumerate(codes) if c not in (EXIT_OK, EXIT_PREEMPTED, EXIT_PEER)]
+            rank, code = first_failure if first_failure[1] != EXIT_PEER or not causes else causes[0]
+            log.error("job failed: %s (exit codes by rank: %s)", self.describe(rank, code), codes)
+            return code if code > 0 else EXIT_PEER
+        if any(c == EXIT_PREEMPTED for c in codes):
+            return EXIT_PREEMPTED
+        return EXIT_OK
+
+
+def _sigterm_with_parent() -> None:
+    """In the child before exec: SIGTERM when the launcher dies, so the rank checkpoints and stops."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def watch_parent(stop: Any, *, interval_s: float = 1.0) -> threading.Thread:
+    """A rank whose supervisor died (its parent changed: killed launcher, killed torchrun agent) stops by itself:
+    it checkpoints through the usual preemption path, exits 75 and says why."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:  # also after a SIGTERM from PR_SET_PDEATHSIG: this line says why it came
+            if os.getppid() != parent:
+                log.error("the process that started this rank (pid %d) is gone: checkpointing and stopping; exit "
+                          "code %d (run the same command to resume)", parent, EXIT_PREEMPTED)
+                stop.request("supervisor lost")
+                return
+            time.sleep(interval_s)
+
+    t = threading.Thread(target=watch, name="bimdist-parent-watch", daemon=True)
+    t.start()
+    return t

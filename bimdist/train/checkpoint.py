@@ -130,8 +130,9 @@ class CheckpointStore:
         body = json.dumps({"step": step, "replica": replica, "epoch": position.epoch, "offset": position.offset})
         self._write_with_sidecar(path, body.encode(), {"step": step, "replica": replica})
 
-    def finish(self, step: int) -> None:
-        """Write the manifest once the step is complete, then drop old complete steps beyond ``keep``."""
+    def finish(self, step: int, *, protect: frozenset[int] = frozenset()) -> None:
+        """Write the manifest once the step is complete, then drop old complete steps beyond ``keep``, except the
+        ``protect``ed ones (steps some stage would restart from)."""
         if not self.is_complete(step):
             return
         manifest = {"step": step, "fingerprint": self.fingerprint, "blocks": self.blocks,
@@ -139,6 +140,8 @@ class CheckpointStore:
         atomic_write(self.step_dir(step) / "manifest.json", json.dumps(manifest, indent=1).encode())
         complete = [s for s in self.steps_on_disk() if self.is_complete(s)]
         for old in complete[self.keep :]:
+            if old in protect:
+                continue  # a stage restarted alone would resume from here
             shutil.rmtree(self.step_dir(old), ignore_errors=True)
             for engine_dir in self.root.glob(f"deepspeed/block_*/step_{old:08d}"):  # engine-side state
                 shutil.rmtree(engine_dir, ignore_errors=True)
@@ -160,6 +163,36 @@ class CheckpointStore:
                     f"this run {self.fingerprint}: method, model or masking differ); use another run.dir "
                     "or start fresh with --fresh"
                 )
+            if meta.get("bytes") != path.stat().st_size or meta.get("sha256") != sha256_file(path):
+                return f"{path.name} does not match its recorded size/sha256 (corrupt or truncated)"
+        return None
+
+    def own_files(self, step: int, blocks: list[int], replica: int, *, first: bool) -> list[Path]:
+        """One stage's files of ``step``: its blocks (replica 0 writes them for every replica) and, for stage 0,
+        this replica's data position."""
+        d = self.step_dir(step)
+        files = [d / f"block_{b:02d}.pt" for b in blocks]
+        return files + ([d / f"data_r{replica:02d}.json"] if first else [])
+
+    def own_steps(self, blocks: list[int], replica: int, *, first: bool) -> list[int]:
+        """Steps, newest first, whose files of this stage are all there and intact: what a stage restarted alone
+        may resume from, whether or not the other stages' files of that step exist yet."""
+        good = []
+        for step in self.steps_on_disk():
+            files = self.own_files(step, blocks, replica, first=first)
+            if all(p.exists() and self.sidecar(p).exists() for p in files) and self._intact(files) is None:
+                good.append(step)
+        return good
+
+    def _intact(self, files: list[Path]) -> str | None:
+        for path in files:
+            try:
+                meta = json.loads(self.sidecar(path).read_text())
+            except (OSError, ValueError) as e:
+                return f"{self.sidecar(path).name} is unreadable ({e})"
+            if meta.get("fingerprint") != self.fingerprint:
+                raise IncompatibleCheckpoint(f"checkpoint {path} was written by a different config; use another "
+                                             "run.dir or start fresh with --fresh")
             if meta.get("bytes") != path.stat().st_size or meta.get("sha256") != sha256_file(path):
                 return f"{path.name} does not match its recorded size/sha256 (corrupt or truncated)"
         return None

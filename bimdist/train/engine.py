@@ -1,7 +1,7 @@
 """The swappable optimisation part of a unit: optimizer, LR schedule and data-parallel gradient averaging.
 
-``TorchEngine`` is AdamW + warmup/cosine (timm helpers) with DDP over the stage's replicas. A DeepSpeed engine
-implements the same four methods, so the stage loop does not care which one it drives.
+``TorchEngine`` is AdamW + warmup/cosine (timm helpers), with gradients averaged over the stage's replicas. A
+DeepSpeed engine implements the same four methods, so the stage loop does not care which one it drives.
 
 The step never waits on the device: the gradient norm is computed only when clipping needs it or the step is
 logged, a step with non-finite gradients is skipped on the device (the fused AdamW's ``found_inf``, as
@@ -18,7 +18,6 @@ import torch
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from bimdist.config import Config
 
@@ -52,14 +51,36 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> CosineLRSc
     )
 
 
+BUCKET_BYTES = 25 << 20  # gradients averaged per allreduce, as DDP's default bucket
+
+
+def average_gradients(grads: list[torch.Tensor], replicas: Any) -> None:
+    """Average ``grads`` over the stage's replicas in place, a flat bucket per allreduce.
+
+    After the backward, not overlapped with it as DDP's hooks are: a failed allreduce then leaves every gradient
+    as this replica computed it, which is what lets a replica group be rebuilt and the step redone. (DDP also
+    needs a process group registered with the world, which a group rebuilt per generation is not.)"""
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in [*grads, None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.nbytes
+        if bucket and (g is None or size >= BUCKET_BYTES):
+            flat = torch._utils._flatten_dense_tensors(bucket)
+            replicas.allreduce(flat)
+            flat.div_(replicas.size)
+            for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+                dst.copy_(src)
+            bucket, size = [], 0
+
+
 class TorchEngine:
-    def __init__(self, unit: nn.Module, cfg: Config, *, dp_group: Any = None):
+    def __init__(self, unit: nn.Module, cfg: Config, *, replicas: Any = None):
+        """``replicas``: the stage's replica group (None: one replica), whose members average gradients."""
         self.unit = unit
         self.module: nn.Module = unit
-        if dp_group is not None:
-            device_ids = [unit_device(unit).index] if unit_device(unit).type == "cuda" else None
-            self.module = DistributedDataParallel(unit, process_group=dp_group, broadcast_buffers=False,
-                                                  device_ids=device_ids)
+        self.replicas = replicas
         groups = param_groups_weight_decay(unit, cfg.optim.weight_decay)
         # fused: one kernel per step, and it can skip a non-finite step on the device (found_inf)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas, fused=True)
@@ -72,6 +93,8 @@ class TorchEngine:
         self.scheduler.step_update(step + 1)  # step + 1: the first step already trains
         loss.backward()  # gradients start from None: every call ends by freeing them
         grads = [p.grad for p in self.params if p.grad is not None]
+        if self.replicas is not None:
+            average_gradients(grads, self.replicas)
         norm = None
         if self.clip is not None:  # foreach clipping scales by min(1, clip / norm) on the device
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
@@ -98,7 +121,3 @@ class TorchEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def unit_device(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device

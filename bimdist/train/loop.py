@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from bimdist.config import Config, ConfigError, visible_counts
@@ -26,7 +27,8 @@ from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataError, DataStats, Position
 from bimdist.distributed.control import ControlBoard
 from bimdist.distributed.env import host_staging
-from bimdist.distributed.groups import StageComm, all_max, all_min
+from bimdist.distributed.groups import StageComm, agree_min
+from bimdist.distributed.replay import ReplayLog
 from bimdist.distributed.topology import blocks_of_stage
 from bimdist.distributed.transport import DATA, END, Message, PeerError, Transport
 from bimdist.model.unit import unit_indices
@@ -159,10 +161,16 @@ class StageLoop:
         self.data_stats = DataStats(log_every=cfg.data.log_corrupt_every)
         self.transport: Transport | None = None
         if comm and (comm.prev or comm.next):
+            tag = f"stage{self.stage}_r{self.replica}"
+            replay = ReplayLog(memory_bytes=p.replay_memory_mb << 20, keep=p.replay,
+                               spill_path=run_dir / "replay" / f"{tag}.i{comm.incarnation}.log")
             self.transport = Transport(device=device, prev=comm.prev, next=comm.next, max_in_flight=p.max_in_flight,
                                        prefetch=p.prefetch, peer_timeout_s=p.peer_timeout_s,
                                        startup_timeout_s=p.startup_timeout_s,
-                                       host_staging=host_staging(p.host_staging, device, comm.backend))
+                                       host_staging=host_staging(p.host_staging, device, comm.backend),
+                                       recoverable=comm.recoverable, replay=replay, store=comm.store)
+        self._own_steps: list[int] = []  # this stage's checkpoints on disk, newest first
+        self._restart_point = -1  # published: where this stage would resume if restarted alone
         drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
         counts = visible_counts(cfg.model.num_patches, cfg.masking.mask_ratio, drops)
         self.next_visible = counts[self.blocks[-1] + 1] if not self.last else 0
@@ -175,12 +183,13 @@ class StageLoop:
         self.peak_flop_per_s = peak_flop_per_s(device, cfg.metrics.peak_tflops)
         self.timeline = timeline or Timeline(None, stage=self.stage, replica=self.replica)
         self._window: list[tuple[StepRecord, StepResult]] = []  # steps run but not yet read from the device
+        self.skipped_steps = 0  # steps a restarted neighbour could not feed (pipeline.replay: off)
 
     def _engine_factory(self) -> Callable[[Any], Any]:
         cfg, comm = self.cfg, self.comm
         if cfg.pipeline.engine == "torch":
-            dp_group = comm.dp_group if comm else None
-            return lambda unit: TorchEngine(unit, cfg, dp_group=dp_group)
+            replicas = comm.replicas if comm else None
+            return lambda unit: TorchEngine(unit, cfg, replicas=replicas)
         from bimdist.train.ds_engine import DeepSpeedEngine, build_ds_config
 
         if comm is None or comm.mp_group is None:
@@ -191,28 +200,91 @@ class StageLoop:
                                             dp_group=comm.dp_group, mp_group=comm.mp_group,
                                             checkpoint_root=self.run_dir / "checkpoints")
 
-    # ---- resume -------------------------------------------------------------------------------------------
+    # ---- where to start ---------------------------------------------------------------------------------
+    def _start(self) -> tuple[int, Position]:
+        """Connect the transport and load this stage's state: at the step every rank agrees on when the job starts,
+        or, for a stage restarted alone, at its newest own checkpoint at or before the step the next stage needs."""
+        t = self.transport
+        if t is not None:
+            t.start_sending()
+        if self.comm is None or self.comm.incarnation == 0:
+            start, position = self._resume()
+        else:
+            need = t.next_stage_needs() if t is not None else None
+            start, position = self._restart(need)
+        if t is not None:
+            t.start_receiving(start)
+        self._own_steps = self.store.own_steps(self.blocks, self.replica, first=self.first) if self.comm else []
+        self._publish_restart_point(start)
+        return start, position
+
     def _resume(self) -> tuple[int, Position]:
-        """Agree on a start step across all ranks and load this stage's state for it."""
+        """Agree on a start step across all ranks (through the job's store) and load this stage's state for it."""
         mine = -1
         if self.cfg.checkpoint.resume == "auto" and not self.fresh:
             latest = self.store.latest()
             mine = -1 if latest is None else latest
-        step = all_min(mine, device=self.device) if self.comm and self.comm.distributed else mine
+        step = mine
+        if self.comm and self.comm.distributed:
+            step = agree_min(self.comm.store, key="resume", value=mine, rank=self.comm.rank,
+                             world=self.comm.topo.world_size, timeout_s=self.cfg.pipeline.startup_timeout_s)
         if step < 0:
             if mine >= 0:
                 log.warning("another rank sees no usable checkpoint; every rank starts from step 0")
             return 0, Position()
         if self.store.verify(step) is not None:  # another rank chose an older step than ours: check it too
             raise PeerError(f"ranks disagree on the checkpoint to resume and step {step} is unusable here")
+        position = self._load(step)
+        log.info("resumed stage %d from %s (step %d)", self.stage, self.store.step_dir(step), step)
+        return step, position
+
+    def _restart(self, need: int | None) -> tuple[int, Position]:
+        """This stage alone was restarted: its newest own checkpoint that can still feed the next stage exactly
+        (at or before the step it needs), else the start of training."""
+        usable = [s for s in self.store.own_steps(self.blocks, self.replica, first=self.first)
+                  if need is None or s <= need]
+        if not usable:
+            log.warning("stage %d restarted with no checkpoint of its own at or before step %s: from step 0",
+                        self.stage, need)
+            return 0, Position()
+        step = usable[0]
+        position = self._load(step)
+        log.info("restarted stage %d alone (incarnation %d) from %s (step %d); the next stage needs step %s",
+                 self.stage, self.comm.incarnation, self.store.step_dir(step), step, need)
+        return step, position
+
+    def _load(self, step: int) -> Position:
         states = [self.store.load_block(step, b, map_location=self.device) for b in self.blocks]
         self.worker.load_state_dicts(states)
         if states and "rng" in states[0]:
             torch.set_rng_state(states[0]["rng"].cpu())
-        position = self.store.load_position(step, self.replica) if self.first else Position()
-        log.info("resumed stage %d from %s (step %d)", self.stage, self.store.step_dir(step), step)
         self.saved_step = step
-        return step, position
+        return self.store.load_position(step, self.replica) if self.first else Position()
+
+    def _publish_restart_point(self, fallback: int) -> None:
+        """Where this stage would resume if it were restarted alone: its newest own checkpoint at or before the
+        next stage's next step. The previous stage keeps every message from there on (its replay log)."""
+        if self.comm is None or not self.comm.distributed:
+            return
+        need = self.transport.delivered + 1 if self.transport is not None and self.comm.next else None
+        usable = [s for s in self._own_steps if need is None or s <= need]
+        point = usable[0] if usable else min([fallback, *self._own_steps])
+        if point != self._restart_point:
+            self._restart_point = point
+            try:
+                self.comm.store.set(f"rp/{self.comm.rank}", str(point))
+            except Exception as e:  # noqa: BLE001 - the store may be gone with the supervisor
+                log.debug("could not publish the restart point: %s", e)
+
+    def _protected_steps(self) -> frozenset[int]:
+        """Every stage's published restart point: checkpoints that old-checkpoint cleanup must keep."""
+        if self.comm is None or not self.comm.distributed:
+            return frozenset()
+        keys = [f"rp/{r}" for r in range(self.comm.topo.world_size)]
+        try:
+            return frozenset(int(self.comm.store.get(k)) for k in keys if self.comm.store.check([k]))
+        except Exception:  # noqa: BLE001
+            return frozenset()
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     def checkpoint(self, step: int, position: Position | None) -> None:
@@ -226,8 +298,11 @@ class StageLoop:
                 self.store.save_block(step, block, dict(state, rng=rng))
         if self.first and position is not None:
             self.store.save_position(step, self.replica, position)
-        self.store.finish(step)
+        self.store.finish(step, protect=self._protected_steps())
         self.saved_step = step
+        if self.comm is not None:
+            self._own_steps = self.store.own_steps(self.blocks, self.replica, first=self.first)
+            self._publish_restart_point(step)
         log.info("checkpoint stage=%d replica=%d step=%d dir=%s", self.stage, self.replica, step,
                  self.store.step_dir(step))
 
@@ -267,8 +342,10 @@ class StageLoop:
             return END_STOP_AT
         stop = self.stop.requested or (self.board is not None and self.board.stop_requested())
         flags = [int(batch is None), int(stop)]
-        if self.comm and self.comm.dp_group is not None:  # stage-0 replicas agree on data end and preemption
-            flags = all_max(flags, self.comm.dp_group, device=self.device)
+        if self.comm and self.comm.replicas is not None:  # stage-0 replicas agree on data end and preemption
+            agreed = torch.tensor(flags, dtype=torch.int64, device=self.device)
+            self.comm.replicas.allreduce(agreed, dist.ReduceOp.MAX)
+            flags = agreed.tolist()
         if flags[1]:
             return END_PREEMPT
         if flags[0]:
@@ -285,7 +362,7 @@ class StageLoop:
         return send
 
     def run(self) -> StageResult:
-        start, position = self._resume()
+        start, position = self._start()
         for o in self.observers:
             o.on_start(start)
         progress = Progress(steps=self.cfg.run.steps, every=self.cfg.run.log_every, stage=self.stage,
@@ -328,6 +405,11 @@ class StageLoop:
                         if msg.step != step:
                             raise PeerError(f"previous stage ended at step {msg.step}, this stage is at {step}")
                         break
+                    if msg.step > step and not self.cfg.pipeline.replay:
+                        log.warning("pipeline.replay is off: skipping steps %d..%d, which the previous stage no "
+                                    "longer has (%d steps)", step, msg.step - 1, msg.step - step)
+                        self.skipped_steps += msg.step - step
+                        step = msg.step
                     if msg.step != step:
                         raise PeerError(f"expected step {step} from the previous stage, got {msg.step}")
                     tokens = msg.tensors[0].float()
@@ -366,6 +448,7 @@ class StageLoop:
                     self._stop_posted = True
                 if every and step % every == 0:
                     self.checkpoint(step, position if self.first else None)
+                self._publish_restart_point(step)
                 if not self.first and self.stop.requested and self.stop.since is not None:
                     if time.monotonic() - self.stop.since > self.cfg.pipeline.peer_timeout_s:
                         log.error("got %s but stage 0 never ended the stream; checkpointing here at step %d",

@@ -26,7 +26,7 @@ from bimdist.distributed.env import (
     usable_cores,
 )
 from bimdist.distributed.groups import init_comm
-from bimdist.distributed.launch import launch_standalone
+from bimdist.distributed.launch import launch_standalone, watch_parent
 from bimdist.distributed.topology import Topology, TopologyError, check_world
 from bimdist.distributed.transport import PeerError
 from bimdist.runs import store_for
@@ -179,12 +179,19 @@ class RankJob:
                 log.warning("single-GPU mode: %d local ranks share %d GPU(s); gloo with host-staged activations "
                             "(for tests and small demos: give each rank its own GPU for speed)", env.local_world_size,
                             torch.cuda.device_count())
+            # a dead neighbour is worth waiting for only if a supervisor restarts single ranks (bimdist's launcher,
+            # the per-task Slurm script); torchrun restarts the whole worker group, DeepSpeed needs its world
+            recoverable = (p.stage_restarts > 0 and p.engine == "torch"
+                           and os.environ.get("BIMDIST_SUPERVISED") == "1")
             comm = init_comm(env, topo, backend=backend, device=device,
                              startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s,
-                             generation=restart_count(), engine_groups=p.engine == "deepspeed")
+                             generation=restart_count(), engine_groups=p.engine == "deepspeed",
+                             recoverable=recoverable)
             self.board = ControlBoard(comm.store)
         stop = StopFlag()
         stop.install(cfg.run.preempt_signals)
+        if self.distributed:
+            watch_parent(stop)
         timeline = Timeline(run_dir / "trace" / f"stage{coord.stage}_r{coord.replica}.jsonl" if cfg.metrics.trace
                             else None, stage=coord.stage, replica=coord.replica)
         with summary.tracking(cfg.metrics.live_bytes):  # from before the model exists, so its params count
@@ -193,7 +200,7 @@ class RankJob:
             result: StageResult = self.loop.run()
         if self.loop.last and self.loop.replica == 0 and result.exit_code == EXIT_OK:
             finalize(cfg, run_dir, self.loop.final_step)
-        if self.distributed:
+        if dist.is_initialized():  # DeepSpeed's world group
             dist.destroy_process_group()
         self._cleanup()
         return result.exit_code

@@ -101,10 +101,11 @@ def test_full_disk_fails_clearly_and_keeps_the_last_checkpoint(tiny_disk):
                timeout=300)
     assert proc.returncode == 5, proc.stderr[-2000:]
     assert "checkpoint error: cannot write" in proc.stderr and "No space left on device" in proc.stderr
-    complete = sorted((tiny_disk / "run" / "checkpoints").glob("step_*/manifest.json"))
-    assert complete, "at least one checkpoint fitted before the disk filled"
-    from bimdist.runs import load_units, run_config
+    from bimdist.runs import load_units, run_config, store_for
 
     cfg = run_config(tiny_disk / "run")
+    store = store_for(cfg, tiny_disk / "run")
+    complete = [s for s in store.steps_on_disk() if store.is_complete(s)]  # every block file and its sidecar
+    assert complete, "at least one checkpoint fitted before the disk filled"
     units, step = load_units(cfg, tiny_disk / "run")
-    assert step == int(complete[-1].parent.name.removeprefix("step_")) and len(units) == 4
+    assert step == max(complete) and len(units) == 4 and store.verify(step) is None

@@ -140,12 +140,12 @@ def test_srun_style_environment_is_understood(sequential, tmp_path):
     assert same_weights(sequential, tmp_path, STEPS)
 
 
-def test_kill_9_of_a_middle_stage_ends_every_rank_naming_it(tmp_path):
+def test_kill_9_of_a_middle_stage_ends_every_rank_naming_it_without_stage_restarts(tmp_path):
     timeout = 15
     log = tmp_path / "job.log"
     job = start_cli("train", str(TINY), f"--run.dir={tmp_path / 'run'}", "--run.steps=100000",
                     "--pipeline.stages=4", f"--pipeline.peer_timeout_s={timeout}", "--run.log_every=10",
-                    log_path=log)
+                    "--pipeline.stage_restarts=0", log_path=log)
     try:
         assert wait_for(lambda: "progress stage=3" in log.read_text(), 180), log.read_text()[-3000:]
         ranks = ranks_of(job.pid)
