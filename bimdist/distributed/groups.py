@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -33,7 +33,8 @@ from bimdist.distributed.transport import PeerError
 
 log = logging.getLogger("bimdist.comm")
 
-ATTEMPT_S = 20.0  # one try at building a group; retried under a fresh epoch until the deadline
+TRY_S = 15.0  # one rendezvous try; a member that is there joins within it, one that is not costs a new epoch
+
 
 
 def peer_name(topo: Topology, rank: int) -> str:
@@ -80,25 +81,31 @@ class _Rebuildable:
         """Build the group, retrying until ``timeout_s`` passes (a member may be starting or restarting).
 
         Each try rendezvous under a fresh prefix, ``NAME/epoch/E``, so that no try reads the addresses a failed
-        one left behind. The lowest member leads: it opens epoch E, tries it, and opens E+1 if that fails; the
-        others always join the newest epoch the leader opened, so every member meets the leader in its current
-        try. A round trip ends each try: building can succeed on one side and time out on the other."""
+        one left behind. The lowest member leads: it reads every member's incarnation, opens epoch E for exactly
+        those, tries it, and opens another one if that fails. The others join the newest epoch opened for the
+        incarnations they see now (never one opened before a member came back). A round trip ends each try:
+        building can succeed on one side and fail on the other. Tries are short; the finished group gets the
+        full timeout for its operations."""
         deadline = time.monotonic() + timeout_s
         epoch_key = f"{self.name}/epoch"
         leader = self.me == min(self.members)
         last: Exception | None = None
         tried = 0
         while time.monotonic() < deadline:
+            incs = ".".join(map(str, self._current(deadline=deadline)))
             if leader:
                 epoch = self.store.add(epoch_key, 1)
+                self.store.set(f"{epoch_key}/{epoch}", incs)
             else:
                 epoch = self.store.add(epoch_key, 0)
-                if epoch <= tried:  # nothing newer opened yet: wait for the leader
-                    time.sleep(0.1)
+                opened_for = f"{epoch_key}/{epoch}"
+                if epoch <= tried or not self.store.check([opened_for]) or self.store.get(opened_for).decode() != incs:
+                    time.sleep(0.1)  # nothing new opened for the members as they are now: wait for the leader
                     continue
             tried = epoch
-            attempt = timedelta(seconds=max(1.0, min(ATTEMPT_S, deadline - time.monotonic())))
-            log.debug("%s: %s tries epoch %d", self.name, "leader" if leader else "follower", epoch)
+            attempt = timedelta(seconds=max(1.0, min(TRY_S, deadline - time.monotonic())))
+            log.debug("%s: %s tries epoch %d (incarnations %s)", self.name, "leader" if leader else "follower",
+                      epoch, incs)
             try:
                 group = _make_group(dist.PrefixStore(f"{self.name}/epoch/{epoch}/", self.store), backend=self.backend,
                                     rank=self.members.index(self.me), size=len(self.members), timeout=attempt)
@@ -108,8 +115,11 @@ class _Rebuildable:
                 log.debug("%s: epoch %d failed: %s", self.name, epoch, _short(e))
                 last = e
                 continue
+            set_timeout = getattr(group, "_set_default_timeout", None)
+            if set_timeout is not None:  # tries are short, operations are not
+                set_timeout(timedelta(seconds=self.timeout_s))
             self.group = group
-            self.incarnations = self._current(deadline=deadline)
+            self.incarnations = [int(i) for i in incs.split(".")]
             return
         raise PeerError(f"{self.name}: could not connect within {timeout_s:.0f} s ({_short(last)})")
 
@@ -173,7 +183,7 @@ class StageComm:
     replicas: ReplicaGroup | None = None  # None with a single replica
     dp_group: Any = None  # registered world subgroups, for DeepSpeed's engine only
     mp_group: Any = None
-    extra: dict = field(default_factory=dict)
+    client: Any = None  # () -> a store connection of its own
 
     @property
     def distributed(self) -> bool:
@@ -198,7 +208,7 @@ def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.devic
     inc = incarnation()
     store.set(f"inc/{env.rank}", str(inc))
     comm = StageComm(topo=topo, rank=env.rank, coord=topo.coord(env.rank), device=device, store=store,
-                     backend=backend, incarnation=inc, recoverable=recoverable)
+                     backend=backend, incarnation=inc, recoverable=recoverable, client=client)
     if engine_groups:
         _world_groups(comm, env, store, backend=backend, startup_timeout_s=startup_timeout_s,
                       peer_timeout_s=peer_timeout_s)
@@ -213,7 +223,8 @@ def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.devic
         comm.replicas = ReplicaGroup(client(), members=topo.stage_group(comm.coord.stage), me=env.rank,
                                      name=f"replicas/{comm.coord.stage}", backend=backend, timeout_s=peer_timeout_s,
                                      device=device)
-        comm.replicas.connect(timeout_s=startup_timeout_s)
+        if inc == 0:  # a restarted replica joins its group at the step the others wait at (train.replicas)
+            comm.replicas.connect(timeout_s=startup_timeout_s)
     return comm
 
 

@@ -80,6 +80,10 @@ class Metrics:
         self.nonfinite = counter("bimdist_nonfinite_losses", "Losses that were NaN or infinite")
         self.skipped = counter("bimdist_skipped_updates", "Optimizer updates dropped for non-finite gradients")
         self.corrupt = counter("bimdist_corrupt_samples", "Training samples skipped as corrupt or undecodable")
+        self.restarts = counter("bimdist_stage_restarts", "Times this rank was restarted alone after dying")
+        self.replayed = counter("bimdist_replayed_steps", "Messages sent again to a restarted next stage")
+        self.replay_bytes = gauge("bimdist_replay_log_bytes", "Messages kept for a restart of the next stage, "
+                                  "memory and disk")
         self.peak_memory = gauge("bimdist_peak_memory_bytes", "Peak memory: CUDA allocated, or process RSS on CPU")
         self.step_flop = gauge("bimdist_step_flop_count", "Floating-point operations of one step of this stage")
         self.flop_rate = gauge("bimdist_flop_per_second", "Achieved FLOP/s while computing (excludes waits)")
@@ -89,7 +93,8 @@ class Metrics:
                      "version", "fingerprint"], registry=r)
         info.labels(**self.labels, version=__version__, fingerprint=cfg.fingerprint()).set(1)
         self.target.set(cfg.run.steps)
-        self._sent = self._received = self._corrupt = 0
+        self._sent = self._received = self._corrupt = self._replayed = 0
+        self.restarts.inc(int(os.environ.get("BIMDIST_INCARNATION", "0") or 0))  # this rank's incarnation
         self.port = 0
         if cfg.metrics.port:
             self.port = cfg.metrics.port + local_rank
@@ -124,7 +129,10 @@ class Metrics:
         self.sent.inc(max(0, rec.bytes_sent - self._sent))
         self.received.inc(max(0, rec.bytes_received - self._received))
         self.corrupt.inc(max(0, rec.corrupt - self._corrupt))
+        self.replayed.inc(max(0, rec.replayed - self._replayed))
+        self.replay_bytes.set(rec.replay_log_bytes)
         self._sent, self._received, self._corrupt = rec.bytes_sent, rec.bytes_received, rec.corrupt
+        self._replayed = rec.replayed
         self.in_flight.set(rec.in_flight)
         self.lr.set(rec.lr)
         if rec.grad_norm is not None:

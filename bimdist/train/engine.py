@@ -20,6 +20,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from bimdist.config import Config
+from bimdist.distributed.transport import PeerError
 
 
 @dataclass
@@ -60,19 +61,22 @@ def average_gradients(grads: list[torch.Tensor], replicas: Any) -> None:
     After the backward, not overlapped with it as DDP's hooks are: a failed allreduce then leaves every gradient
     as this replica computed it, which is what lets a replica group be rebuilt and the step redone. (DDP also
     needs a process group registered with the world, which a group rebuilt per generation is not.)"""
-    bucket: list[torch.Tensor] = []
+    buckets: list[list[torch.Tensor]] = [[]]
     size = 0
-    for g in [*grads, None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.nbytes
-        if bucket and (g is None or size >= BUCKET_BYTES):
-            flat = torch._utils._flatten_dense_tensors(bucket)
-            replicas.allreduce(flat)
-            flat.div_(replicas.size)
-            for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
-                dst.copy_(src)
-            bucket, size = [], 0
+    for g in grads:
+        if size >= BUCKET_BYTES:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(g)
+        size += g.nbytes
+    averaged = []
+    for bucket in buckets:  # every bucket first, then write back: a failure leaves the gradients untouched
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        replicas.allreduce(flat)
+        averaged.append(flat.div_(replicas.size))
+    for bucket, flat in zip(buckets, averaged):
+        for dst, src in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+            dst.copy_(src)
 
 
 class TorchEngine:
@@ -81,6 +85,7 @@ class TorchEngine:
         self.unit = unit
         self.module: nn.Module = unit
         self.replicas = replicas
+        self.recovery: Any = None  # train.replicas.ReplicaRecovery, when a lost replica is waited for
         groups = param_groups_weight_decay(unit, cfg.optim.weight_decay)
         # fused: one kernel per step, and it can skip a non-finite step on the device (found_inf)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas, fused=True)
@@ -94,7 +99,12 @@ class TorchEngine:
         loss.backward()  # gradients start from None: every call ends by freeing them
         grads = [p.grad for p in self.params if p.grad is not None]
         if self.replicas is not None:
-            average_gradients(grads, self.replicas)
+            try:
+                average_gradients(grads, self.replicas)
+            except Exception as e:  # noqa: BLE001 - a replica died: finish the step with the others, or give up
+                if self.recovery is None:
+                    raise PeerError(f"averaging gradients over the replicas of this stage failed: {e}") from None
+                average_gradients(grads, self.recovery.survive(step))
         norm = None
         if self.clip is not None:  # foreach clipping scales by min(1, clip / norm) on the device
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)

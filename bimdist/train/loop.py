@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ from bimdist.telemetry.progress import Progress, StepRecord
 from bimdist.telemetry.trace import Timeline
 from bimdist.train.checkpoint import CheckpointStore
 from bimdist.train.engine import TorchEngine
+from bimdist.train.replicas import ReplicaRecovery
 from bimdist.train.signals import (
     END_DATA,
     END_DONE,
@@ -169,6 +171,11 @@ class StageLoop:
                                        startup_timeout_s=p.startup_timeout_s,
                                        host_staging=host_staging(p.host_staging, device, comm.backend),
                                        recoverable=comm.recoverable, replay=replay, store=comm.store)
+        self.recovery: ReplicaRecovery | None = None
+        if comm is not None and comm.replicas is not None and comm.recoverable:
+            self.recovery = ReplicaRecovery(comm, self.worker, timeout_s=p.peer_timeout_s, client=comm.client())
+            for engine in self.worker.engines:
+                engine.recovery = self.recovery
         self._own_steps: list[int] = []  # this stage's checkpoints on disk, newest first
         self._restart_point = -1  # published: where this stage would resume if restarted alone
         drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
@@ -211,6 +218,9 @@ class StageLoop:
             start, position = self._resume()
         else:
             need = t.next_stage_needs() if t is not None else None
+            if self.recovery is not None:  # the other replicas say where to rejoin them; catch up alone until then
+                log.warning("stage %d replica %d restarted: rejoins its replicas at step %d", self.stage,
+                            self.replica, self.recovery.join_step())
             start, position = self._restart(need)
         if t is not None:
             t.start_receiving(start)
@@ -275,6 +285,13 @@ class StageLoop:
                 self.comm.store.set(f"rp/{self.comm.rank}", str(point))
             except Exception as e:  # noqa: BLE001 - the store may be gone with the supervisor
                 log.debug("could not publish the restart point: %s", e)
+
+    def _log_recovery(self, start: int) -> None:
+        """One line per recovery: which stage, from which step, and how long after the death its first step ran."""
+        died = os.environ.get("BIMDIST_DIED_AT")
+        after = f"{time.time() - float(died):.1f}" if died else "unknown"
+        log.warning("recovery stage=%d replica=%d incarnation=%d resumed_at_step=%d first_step_s_after_death=%s",
+                    self.stage, self.replica, self.comm.incarnation, start, after)
 
     def _protected_steps(self) -> frozenset[int]:
         """Every stage's published restart point: checkpoints that old-checkpoint cleanup must keep."""
@@ -342,9 +359,15 @@ class StageLoop:
             return END_STOP_AT
         stop = self.stop.requested or (self.board is not None and self.board.stop_requested())
         flags = [int(batch is None), int(stop)]
-        if self.comm and self.comm.replicas is not None:  # stage-0 replicas agree on data end and preemption
-            agreed = torch.tensor(flags, dtype=torch.int64, device=self.device)
-            self.comm.replicas.allreduce(agreed, dist.ReduceOp.MAX)
+        group = self.recovery.current if self.recovery is not None else (self.comm.replicas if self.comm else None)
+        if group is not None and (self.recovery is None or self.recovery.join_at is None):
+            agreed = torch.tensor(flags, dtype=torch.int64, device=self.device)  # stage-0 replicas agree on both
+            try:
+                group.allreduce(agreed, dist.ReduceOp.MAX)
+            except Exception as e:  # noqa: BLE001
+                if self.recovery is None:
+                    raise PeerError(f"the stage-0 replicas could not agree on step {step}: {e}") from None
+                self.recovery.survive(step).allreduce(agreed, dist.ReduceOp.MAX)
             flags = agreed.tolist()
         if flags[1]:
             return END_PREEMPT
@@ -381,6 +404,8 @@ class StageLoop:
         last_end = time.perf_counter()
         try:
             while True:
+                if self.recovery is not None:
+                    self.recovery.before_step(step)  # a restarted replica rejoins the others here
                 recv0 = self.transport.recv_wait_s if self.transport else 0.0
                 send0 = self.transport.send_wait_s if self.transport else 0.0
                 t_wait = time.perf_counter()
@@ -436,13 +461,19 @@ class StageLoop:
                     bytes_sent=self.transport.bytes_sent if self.transport else 0,
                     bytes_received=self.transport.bytes_received if self.transport else 0,
                     in_flight=self.transport.in_flight if self.transport else 0,
+                    replayed=self.transport.replayed if self.transport else 0,
+                    replay_log_bytes=self.transport.log.bytes if self.transport else 0,
                     flop=self.step_flop or 0.0, peak_flop_per_s=self.peak_flop_per_s,
                 )
                 last_end = now
+                if step == start and self.comm is not None and self.comm.incarnation > 0:
+                    self._log_recovery(start)
                 self._window.append((rec, result))
                 if logged:
                     losses = self._flush(progress)
                 step += 1
+                if self.recovery is not None:
+                    self.recovery.after_step(step)  # the survivors wait here for a lost replica
                 if self.stop.requested and self.board is not None and not self._stop_posted:
                     self.board.request_stop(self.stop.signal_name or "signal")  # reaches stage 0 wherever it came
                     self._stop_posted = True
