@@ -188,20 +188,31 @@ def _sigterm_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
-def watch_parent(stop: Any, *, interval_s: float = 1.0) -> threading.Thread:
-    """A rank whose supervisor died (its parent changed: killed launcher, killed torchrun agent) stops by itself:
-    it checkpoints through the usual preemption path, exits 75 and says why."""
-    parent = os.getppid()
+class ParentWatch:
+    """A rank whose supervisor died (its parent changed: a killed launcher, a killed torchrun agent) stops by
+    itself: it checkpoints through the usual preemption path, exits 75 and says why, once."""
 
-    def watch() -> None:
+    def __init__(self, stop: Any, *, interval_s: float = 0.5):
+        self.parent, self.stop, self._said = os.getppid(), stop, threading.Event()
+        threading.Thread(target=self._watch, args=(interval_s,), name="bimdist-parent-watch", daemon=True).start()
+
+    def gone(self) -> bool:
+        return os.getppid() != self.parent
+
+    def say_why(self) -> None:
+        if self.gone() and not self._said.is_set():
+            self._said.set()
+            log.error("the process that started this rank (pid %d) is gone: checkpointing and stopping; exit code "
+                      "%d (run the same command to resume)", self.parent, EXIT_PREEMPTED)
+
+    def _watch(self, interval_s: float) -> None:
         while True:  # also after a SIGTERM from PR_SET_PDEATHSIG: this line says why it came
-            if os.getppid() != parent:
-                log.error("the process that started this rank (pid %d) is gone: checkpointing and stopping; exit "
-                          "code %d (run the same command to resume)", parent, EXIT_PREEMPTED)
-                stop.request("supervisor lost")
+            if self.gone():
+                self.say_why()
+                self.stop.request("supervisor lost")
                 return
             time.sleep(interval_s)
 
-    t = threading.Thread(target=watch, name="bimdist-parent-watch", daemon=True)
-    t.start()
-    return t
+
+def watch_parent(stop: Any) -> ParentWatch:
+    return ParentWatch(stop)

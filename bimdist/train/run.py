@@ -190,14 +190,15 @@ class RankJob:
             self.board = ControlBoard(comm.store)
         stop = StopFlag()
         stop.install(cfg.run.preempt_signals)
-        if self.distributed:
-            watch_parent(stop)
+        watch = watch_parent(stop) if self.distributed else None
         timeline = Timeline(run_dir / "trace" / f"stage{coord.stage}_r{coord.replica}.jsonl" if cfg.metrics.trace
                             else None, stage=coord.stage, replica=coord.replica)
         with summary.tracking(cfg.metrics.live_bytes):  # from before the model exists, so its params count
             self.loop = StageLoop(cfg, run_dir, comm=comm, device=device, stop=stop, board=self.board,
                                   fresh=fresh, observers=observers, timeline=timeline, data_workers=data_workers)
             result: StageResult = self.loop.run()
+        if watch is not None:
+            watch.say_why()  # a SIGTERM can end the run before the watch thread notices its parent is gone
         if self.loop.last and self.loop.replica == 0 and result.exit_code == EXIT_OK:
             finalize(cfg, run_dir, self.loop.final_step)
         if dist.is_initialized():  # DeepSpeed's world group

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import sys
 
 import pytest
@@ -77,3 +79,43 @@ def test_one_task_per_rank_script_runs_end_to_end(cluster, reference, tmp_path):
     for block in range(4):
         want, got = load_block(reference, STEPS, block), load_block(run_dir, STEPS, block)
         assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_per_task_script_restarts_a_killed_task_alone_and_stays_exact(cluster, reference, tmp_path):
+    """kill -9 of one rank: its task's own loop starts it again, the other task keeps its process, the run ends
+    with the uninterrupted run's weights (the job's store lives in the batch step, not in a rank)."""
+    out, run_dir = tmp_path / "job.out", tmp_path / "run"
+    job = cluster.sbatch(ROOT / "launch" / "slurm" / "bimdist-per-task.sbatch", *COMMON, f"--run.dir={run_dir}",
+                         "--checkpoint.every=100", "--pipeline.peer_timeout_s=60",
+                         options=[f"--output={out}", "--ntasks-per-node=2"], env=ENV, cwd=ROOT)
+    assert wait_for(lambda: out.exists() and "checkpoint stage=1 replica=0 step=200 " in out.read_text(), 240), (
+        (out.read_text() if out.exists() else "") + cluster.logs())
+    ranks = {task: pid for task, pid in slurm_ranks().items()}
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED", out.read_text()[-3000:]
+    text = out.read_text()
+    assert "task 1 (rank) exited with 137; restarting it alone (1 of 3)" in text
+    assert re.search(r"recovery stage=1 replica=0 incarnation=1 resumed_at_step=\d+", text)
+    assert "restarting it alone" not in text.replace("task 1 (rank) exited with 137; restarting it alone", "")
+    for block in range(4):
+        want, got = load_block(reference, STEPS, block), load_block(run_dir, STEPS, block)
+        assert all(torch.equal(want[k], got[k]) for k in want), f"block {block} differs from the uninterrupted run"
+
+
+def slurm_ranks() -> dict[int, int]:
+    """{SLURM_PROCID: pid} of the python processes running `bimdist train` under srun."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            environ = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"bimdist" in cmdline and b"train" in cmdline and b"python" in os.path.basename(cmdline[0]):
+            for item in environ:
+                if item.startswith(b"SLURM_PROCID="):
+                    out[int(item.split(b"=")[1])] = int(entry)
+    return out
