@@ -35,7 +35,7 @@ TOP_README = ROOT / "README.md"
 HEADLINE = {"throughput-preset": "benchmarks.throughput", "throughput-light": "benchmarks.throughput",
             "memory": "benchmarks.memory", "flops": "benchmarks.flops", "accuracy": "benchmarks.accuracy",
             "data": "benchmarks.data", "data-gpu": "benchmarks.data", "model": "benchmarks.model",
-            "doctor": "benchmarks.doctor"}
+            "doctor": "benchmarks.doctor", "recovery": "benchmarks.recovery"}
 
 
 @dataclass(frozen=True)

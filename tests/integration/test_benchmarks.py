@@ -115,6 +115,14 @@ def test_stages_quick(tmp_path):
     assert all(s["samples_per_s"] > 0 and s["step_flop"] > 0 for s in r["stages"])
 
 
+def test_recovery_quick(tmp_path):
+    r = bench("recovery", tmp_path)
+    assert r["one_kill"]["exit_code"] == 0 and r["three_kills"]["exit_code"] == 0
+    assert r["exact_one"] and r["exact_three"]
+    assert [e["stage"] for e in r["three_kills"]["events"]] == [2, 0, 3]
+    assert all(e["others_kept"] for e in r["three_kills"]["events"] + r["one_kill"]["events"])
+
+
 def test_model_quick(tmp_path):
     r = bench("model", tmp_path)
     points = r["predictions"]["ViT-B/16"]["points"]
