@@ -75,6 +75,8 @@ ABLATIONS: dict[str, list[str]] = {
     "base lr / 3, warm-up x3": ["--optim.blr=SCALE1/3", "--optim.warmup_steps=WARM3"],
     "model 128 wide, 8 layers (same compute)": ["--model.embed_dim=128", "--model.num_heads=2", "--model.depth=8"],
     "model 128 wide, 4 layers (same compute)": ["--model.embed_dim=128", "--model.num_heads=2", "--model.depth=4"],
+    "model 384 wide, 4 layers (same compute)": ["--model.embed_dim=384", "--model.num_heads=6", "--model.depth=4"],
+    "crop scale (0.1, 1)": ["--data.crop_scale=[0.1,1.0]"],
 }
 
 
@@ -96,14 +98,26 @@ def ablate(args, data: list[str]) -> int:  # noqa: ANN001
     steps = 4 if args.quick else args.steps
     eval_args = ["--train-samples", "256", "--test-samples", "128"] if args.quick else [
         "--train-samples", str(args.eval_train), "--test-samples", "10000"]
-    names = ["preset", "model 128 wide, 4 layers (same compute)"] if args.quick else ABLATIONS
+    names = list(ABLATIONS) if args.variants is None else args.variants
+    if args.quick:
+        names = ["preset", "model 128 wide, 4 layers (same compute)"]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}; choose from {list(ABLATIONS)}")
     results = {}
+    for merged in args.merge or []:  # variants measured by earlier runs with the same steps and probes
+        earlier = json.loads(Path(merged).read_text())
+        if earlier["steps"] != steps:
+            raise SystemExit(f"--merge {merged} ran {earlier['steps']} steps per variant, not {steps}")
+        results.update({k: dict(v, measured=v.get("measured", earlier["date"]))
+                        for k, v in earlier["variants"].items() if k not in names})
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             over, n = ablation_args(name, data, steps)
             common = [*data, f"--run.steps={n}", "--pipeline.stages=2", *over]
             results[name] = pretrain_and_eval(name, common, Path(tmp) / f"v{len(results)}", eval_args=eval_args)
-            results[name]["steps"] = n
+            results[name].update(steps=n, measured=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    results = {k: results[k] for k in ABLATIONS if k in results}  # the table in a fixed order
     rows = []
     for name, r in results.items():
         full, first, raw = r["rows"][-1], r["rows"][1], r["rows"][0]
@@ -116,7 +130,10 @@ def ablate(args, data: list[str]) -> int:  # noqa: ANN001
               " for each variant (the model variants: as many steps as the preset's compute allows), the 2-stage "
               f"pipeline; probes on {r0['train_images']} train / {r0['test_images']} test images. Raw pixels: "
               f"{r0['rows'][0]['linear']:.2f}% linear, {r0['rows'][0]['knn']:.2f}% kNN.")
-    write_results("accuracy-ablation", {"steps": steps, "variants": results}, table, args)
+    if args.merge:
+        table += (" Variants not run by this command come from " + ", ".join(f"`{Path(m).name}`" for m in args.merge)
+                  + " (same steps and probes).")
+    write_results("accuracy-ablation", {"steps": steps, "variants": results, "merged_from": args.merge}, table, args)
     return 0
 
 
@@ -126,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablate", action="store_true", help="short variants side by side instead")
     parser.add_argument("--steps", type=int, default=234, help="--ablate: steps per variant (234 = one epoch)")
     parser.add_argument("--eval-train", type=int, default=10000, help="--ablate: train images for the probes")
+    parser.add_argument("--variants", nargs="*", help="--ablate: only these (default: all)")
+    parser.add_argument("--merge", nargs="+", help="--ablate: earlier accuracy-ablation JSONs; their variants join")
     args = parser.parse_args(argv)
     if not args.quick:
         ensure_data()

@@ -201,7 +201,7 @@ class EvalConfig(Section):
     pool: Literal["avg", "cls"] = Field("avg", description="feature: mean of the patch tokens (timm's pooled "
                                         "output of the export), or the class token")
     batch_size: int = Field(500, gt=0, description="images per forward pass while extracting features")
-    probe_c: list[float] = Field([0.001, 0.01, 0.1, 1.0], min_length=1,
+    probe_c: list[float] = Field([0.001, 0.01, 0.1, 1.0, 10.0], min_length=1,
                                  description="inverse regularisation strengths the linear probe chooses from")
     holdout: float = Field(0.1, gt=0, lt=1, description="share of the train features that chooses C")
     probe_search_samples: int | None = Field(10000, gt=0, description="train features each candidate C is fitted "

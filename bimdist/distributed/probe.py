@@ -3,7 +3,6 @@ messages shaped like the configured activations, between two fresh local process
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import timedelta
 
@@ -11,22 +10,29 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bimdist.distributed.groups import Link
 from bimdist.distributed.launch import free_port
 from bimdist.distributed.transport import DATA, Message, Transport
 
 
 def _rank(rank: int, port: int, backend: str, device: str, shapes: list[tuple[tuple[int, ...], str]], reps: int,
           staging: bool, out: mp.SimpleQueue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    dist.init_process_group(backend, rank=rank, world_size=2, timeout=timedelta(seconds=60))
-    link = dist.new_group([0, 1], backend=backend)
-    peer = (1 - rank, link, f"probe rank {1 - rank}")
-    transport = Transport(device=dev, prev=peer if rank == 1 else None, next=peer if rank == 0 else None,
+    store = dist.TCPStore("127.0.0.1", port, world_size=None, is_master=rank == 0, timeout=timedelta(seconds=60),
+                          wait_for_workers=False)
+    store.set(f"inc/{rank}", "0")
+    link = Link(store, sender=0, receiver=1, me=rank, peer_label=f"probe rank {1 - rank}", backend=backend,
+                timeout_s=60, device=dev)
+    transport = Transport(device=dev, prev=link if rank == 1 else None, next=link if rank == 0 else None,
                           max_in_flight=2, prefetch=2, peer_timeout_s=60, startup_timeout_s=60, host_staging=staging)
+    if rank == 0:
+        transport.start_sending()
+        transport.next_stage_needs()
+    else:
+        transport.start_receiving(0)
     tensors = [torch.zeros(shape, dtype=getattr(torch, dtype), device=dev) for shape, dtype in shapes]
     t0 = 0.0
     for i in range(reps + 2):  # two warm-up messages
@@ -40,7 +46,6 @@ def _rank(rank: int, port: int, backend: str, device: str, shapes: list[tuple[tu
         transport.close()
     else:
         out.put(reps * transport.bytes_received / (reps + 2) / (time.perf_counter() - t0))
-    dist.destroy_process_group()
 
 
 def link_bytes_per_s(*, backend: str, devices: tuple[str, str], shapes: list[tuple[tuple[int, ...], str]],

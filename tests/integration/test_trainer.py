@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from bimdist.config import load_config
+from bimdist.evaluate import depth_features, labelled_split
 from bimdist.model.backbone import Backbone
 from bimdist.model.unit import normalize_images
 from bimdist.runs import load_units
@@ -142,6 +143,45 @@ def test_export_loads_strictly_into_timm_and_matches(trained_fmnist, tmp_path, d
     with torch.no_grad():
         theirs = model.forward_features(normalize_images(images, backbone.mean, backbone.std))
     assert torch.allclose(theirs, backbone.features(images, depths=depth)[-1], atol=1e-5)
+    # What `bimdist eval` probes at this depth is timm's pooled output of the export, on real test images.
+    real, _ = labelled_split(cfg, "test", 64)
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(normalize_images(real, backbone.mean, backbone.std)),
+                                    pre_logits=True)
+    probed = depth_features(backbone, real, batch=16, pool="avg")[depth - 1]
+    assert pooled.shape == probed.shape == (64, kwargs["embed_dim"])
+    assert torch.allclose(pooled, probed, atol=1e-5)
+
+
+def test_eval_linear_probe_agrees_with_an_independent_probe_of_the_export(trained_fmnist, tmp_path):
+    """scikit-learn by hand on the exported timm model's pooled features, with the C the eval chose, scores within
+    1 point of the eval's full-depth row: the table describes the model users download."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    proc = cli("eval", str(trained_fmnist))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((trained_fmnist / "eval.json").read_text())
+    row = result["rows"][-1]
+    out = tmp_path / "full.safetensors"
+    assert cli("export", str(trained_fmnist), "--depth", "4", "--out", str(out)).returncode == 0
+    model = VisionTransformer(**json.loads(out.with_suffix(".json").read_text())).eval()
+    model.load_state_dict(load_file(str(out)), strict=True)
+    cfg = load_config(str(trained_fmnist / "config.yaml"))
+    mean, std = torch.tensor(cfg.data.mean).view(-1, 1, 1), torch.tensor(cfg.data.std).view(-1, 1, 1)
+
+    def pooled(split: str, n: int) -> tuple:
+        images, labels = labelled_split(cfg, split, n)
+        with torch.no_grad():
+            feats = model.forward_head(model.forward_features(normalize_images(images, mean, std)), pre_logits=True)
+        return feats.numpy(), labels.numpy()
+
+    xtr, ytr = pooled("train", result["train_images"])
+    xte, yte = pooled("test", result["test_images"])
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=row["c"], max_iter=5000, tol=1e-6)).fit(xtr, ytr)
+    theirs = 100.0 * probe.score(xte, yte)
+    assert abs(theirs - row["linear"]) <= 1.0, (theirs, row)
 
 
 def test_export_rejects_a_bad_depth(trained_fmnist, tmp_path):
