@@ -7,4 +7,5 @@ bash launch/setup.sh
 . .venv/bin/activate
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 ruff check bimdist tests benchmarks
-python -m pytest -q --durations=15 "$@"
+# two test processes: most tests wait on subprocess start-up and timeouts, not on the CPU
+python -m pytest -q -n 2 --dist loadgroup --durations=25 "$@"
