@@ -132,7 +132,7 @@ def ablate(args, data: list[str]) -> int:  # noqa: ANN001
               f"{r0['rows'][0]['linear']:.2f}% linear, {r0['rows'][0]['knn']:.2f}% kNN.")
     if args.merge:
         table += (" Variants not run by this command come from " + ", ".join(f"`{Path(m).name}`" for m in args.merge)
-                  + " (same steps and probes).")
+                  + " (same steps and probe sizes; see their JSON for how they were measured).")
     write_results("accuracy-ablation", {"steps": steps, "variants": results, "merged_from": args.merge}, table, args)
     return 0
 

@@ -7,5 +7,6 @@ bash launch/setup.sh
 . .venv/bin/activate
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 ruff check bimdist tests benchmarks
-# two test processes: most tests wait on subprocess start-up and timeouts, not on the CPU
-python -m pytest -q -n 2 --dist loadgroup --durations=25 "$@"
+# two test processes, each test file on one of them (a file's module fixtures, such as its Slurm cluster and the
+# job ports that cluster's job IDs give, are never live twice at once; xdist_group marks are ignored by pytest 9)
+python -m pytest -q -n 2 --dist loadfile --durations=25 "$@"

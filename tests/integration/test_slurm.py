@@ -15,9 +15,6 @@ from bimdist.telemetry.losslog import read_losses
 from tests.conftest import ROOT, TINY, cli, load_block, wait_for
 from tests.integration.slurm_cluster import SlurmCluster
 
-# one Slurm cluster per test worker process: keep every Slurm test on the same worker (pytest -n, --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("slurm")
-
 STEPS = 800
 COMMON = [f"--run.steps={STEPS}", "--pipeline.stages=2", "--run.log_every=100"]
 ENV = {"BIMDIST_CONFIG": str(TINY), "BIMDIST_PYTHON": sys.executable}
