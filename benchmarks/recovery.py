@@ -1,8 +1,9 @@
 """Per-stage recovery on this machine: fmnist-tiny as a 4-stage pipeline (real Fashion-MNIST shards), uninterrupted
 and then with stages killed -9 mid-run under the standalone launcher, one run after the other.
 
-- One kill of stage 2: do stages 0, 1 and 3 keep their processes, how long after the kill does the restarted stage
-  run its first step, does the run end with exit 0 and the uninterrupted run's weights (bit for bit)?
+- One kill of stage 2, half a checkpoint interval after a checkpoint: do stages 0, 1 and 3 keep their processes,
+  how long after the kill does the restarted stage run its first step, does the run end with exit 0 and the
+  uninterrupted run's weights (bit for bit)?
 - Lost work: the stage-steps recomputed (the dead stage only, from its own checkpoint) against what a whole-job
   restart from the same checkpoint would recompute (every stage from it); the ratio approaches 1/S.
 - Three kills of different stages in one run, stage 0 among them: does it still finish, exact?
@@ -48,19 +49,21 @@ def ranks_of(pid: int) -> dict[int, int]:
     return found
 
 
-def train(args: list[str], run_dir: Path, log: Path, *, kills: list[tuple[int, int]]) -> dict:
-    """One run; ``kills``: (stage, after its checkpoint at this step). Returns what happened."""
+def train(args: list[str], run_dir: Path, log: Path, *, kills: list[tuple[int, int, float]]) -> dict:
+    """One run; ``kills``: (stage, its checkpoint at this step, seconds after that checkpoint). Returns what
+    happened."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     with open(log, "w") as f:
         job = subprocess.Popen([sys.executable, "-m", "bimdist", "train", *args, f"--run.dir={run_dir}"], stdout=f,
                                stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     events = []
     try:
-        for stage, after in kills:
+        for stage, after, delay in kills:
             mark = f"checkpoint stage={stage} replica=0 step={after} "
             deadline = time.monotonic() + 900
             while mark not in log.read_text() and time.monotonic() < deadline and job.poll() is None:
                 time.sleep(0.2)
+            time.sleep(delay)  # mid-interval: the stage has work since its checkpoint to lose
             before = ranks_of(job.pid)
             os.kill(before[stage], signal.SIGKILL)
             killed_at = time.time()
@@ -116,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         train(common, Path(tmp) / "ref", Path(tmp) / "ref.log", kills=[])
         ref_s = time.perf_counter() - t0
-        one = train(common, Path(tmp) / "one", Path(tmp) / "one.log", kills=[(2, 2 * every)])
+        half = ref_s / steps * every / 2  # about half a checkpoint interval
+        one = train(common, Path(tmp) / "one", Path(tmp) / "one.log", kills=[(2, 2 * every, half)])
         three = train(common, Path(tmp) / "three", Path(tmp) / "three.log",
-                      kills=[(2, every), (0, 2 * every), (3, 3 * every)])
+                      kills=[(2, every, 0.0), (0, 2 * every, half), (3, 3 * every, 0.0)])
         exact_one = one["exit_code"] == 0 and same_weights(Path(tmp) / "ref", Path(tmp) / "one", steps, stages)
         exact_three = three["exit_code"] == 0 and same_weights(Path(tmp) / "ref", Path(tmp) / "three", steps, stages)
         died = died_at_step(one["log"], 2, 0)
@@ -128,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {"steps": steps, "checkpoint_every": every, "stages": stages, "reference_seconds": ref_s,
               "one_kill": one, "three_kills": three, "exact_one": exact_one, "exact_three": exact_three,
               "died_at_step": died, "stage_steps_recomputed": recomputed, "whole_job_stage_steps": whole_job}
-    rows = [[f"kill -9 of stage 2 at its step-{2 * every} checkpoint", one["exit_code"], e["others_kept"],
-             e["first_step_s_after_death"], f"{e['resumed_at']} (reached {died})", exact_one]]
+    rows = [[f"kill -9 of stage 2 {half:.0f} s after its step-{2 * every} checkpoint", one["exit_code"],
+             e["others_kept"], e["first_step_s_after_death"], f"{e['resumed_at']} (reached {died})", exact_one]]
     for ev in three["events"]:
         rows.append([f"three kills: stage {ev['stage']}", three["exit_code"], ev["others_kept"],
                      ev["first_step_s_after_death"], ev["resumed_at"], exact_three])
