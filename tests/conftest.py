@@ -117,6 +117,15 @@ def ranks_of(pid: int) -> dict[int, int]:
     return {rank: p for p, (rank, ppid) in found.items() if found.get(ppid, (None,))[0] != rank}
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.5) -> bool:
     import time
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, TINY, cli, ranks_of, same_weights, start_cli, wait_for
+from tests.conftest import ROOT, TINY, alive, cli, ranks_of, same_weights, start_cli, wait_for
 
 STEPS = 240
 COMMON = [str(TINY), f"--run.steps={STEPS}", "--pipeline.stages=4", "--pipeline.threads=1", "--checkpoint.every=40",
@@ -110,15 +110,7 @@ def test_ranks_stop_by_themselves_when_the_launcher_is_killed(tmp_path):
     log = tmp_path / "job.log"
     job = start_cli("train", *COMMON[:-2], "--run.steps=100000", "--pipeline.stages=2",
                     "--pipeline.peer_timeout_s=20", f"--run.dir={tmp_path / 'run'}", log_path=log)
-    try:
-        assert wait_for(lambda: "progress stage=1" in log.read_text(), 180), log.read_text()[-3000:]
-        ranks = ranks_of(job.pid)
-        os.kill(job.pid, signal.SIGKILL)
-        job.wait(timeout=10)
-        assert wait_for(lambda: not any(_alive(p) for p in ranks.values()), 20), "ranks outlived their launcher"
-    finally:
-        if job.poll() is None:
-            job.kill()
+    kill_supervisor(job, log, what="ranks outlived their launcher")
     text = log.read_text()
     for rank in (0, 1):
         assert re.search(rf"\[rank={rank} .*the process that started this rank \(pid {job.pid}\) is gone: "
@@ -133,23 +125,21 @@ def test_ranks_stop_by_themselves_when_the_torchrun_agent_is_killed(tmp_path):
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "bimdist",
              "train", *COMMON[:-2], "--run.steps=100000", "--pipeline.stages=2", "--pipeline.peer_timeout_s=20",
              f"--run.dir={tmp_path / 'run'}"], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    try:
-        assert wait_for(lambda: "progress stage=1" in log.read_text(), 180), log.read_text()[-3000:]
-        ranks = ranks_of(job.pid)
-        assert sorted(ranks) == [0, 1]
-        os.kill(job.pid, signal.SIGKILL)
-        job.wait(timeout=10)
-        assert wait_for(lambda: not any(_alive(p) for p in ranks.values()), 20), "workers outlived their agent"
-    finally:
-        if job.poll() is None:
-            job.kill()
+    assert sorted(kill_supervisor(job, log, what="workers outlived their agent")) == [0, 1]
     text = log.read_text()
     assert text.count("is gone: checkpointing and stopping") == 2, text[-3000:]
 
 
-def _alive(pid: int) -> bool:
+def kill_supervisor(job: subprocess.Popen, log, *, what: str) -> dict[int, int]:
+    """Once stage 1 trains, kill -9 ``job`` (a launcher or torchrun agent); its ranks must exit within 20 s
+    (``what`` fails the test otherwise). Returns the ranks it had, {RANK: pid}."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        assert wait_for(lambda: "progress stage=1" in log.read_text(), 180), log.read_text()[-3000:]
+        ranks = ranks_of(job.pid)
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=10)
+        assert wait_for(lambda: not any(alive(p) for p in ranks.values()), 20), what
+        return ranks
+    finally:
+        if job.poll() is None:
+            job.kill()

@@ -23,7 +23,7 @@ from bimdist.data.stream import DataError, DataStats, Position, ShardStream
 from bimdist.data.tarindex import MemberReader
 from bimdist.distributed.launch import free_port
 from bimdist.model.masking import seed_for
-from tests.conftest import TINY, ranks_of, start_cli, wait_for
+from tests.conftest import TINY, alive, ranks_of, start_cli, wait_for
 
 pytestmark = pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(),
                                 reason="needs the Debian package dataset-fashion-mnist (.ci/run installs it)")
@@ -221,14 +221,6 @@ def children(pid: int) -> list[int]:
             if int(fields[1]) == pid:
                 out.append(int(entry))
     return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_prepare_uses_every_core_and_writes_the_same_samples(jpegs, tmp_path):
