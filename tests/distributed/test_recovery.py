@@ -35,7 +35,9 @@ def finish(job: subprocess.Popen, timeout: float) -> int:
             job.kill()
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+# The edge stages: stage 0 (the data, no upstream) and the last (no downstream). A middle stage's kill, and kills of
+# stages 2, 0 and 3 in one run, are checked bit for bit by benchmarks/recovery.py (tests/integration/test_benchmarks).
+@pytest.mark.parametrize("stage", [0, 3])
 def test_kill_9_of_a_stage_restarts_it_alone_and_the_weights_match(reference, tmp_path, stage):
     log = tmp_path / "job.log"
     job = start_cli("train", *COMMON, f"--run.dir={tmp_path / 'run'}", log_path=log)

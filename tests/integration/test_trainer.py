@@ -125,13 +125,21 @@ def test_eval_overrides_touch_only_the_eval_section(trained_fmnist):
     assert [row["name"] for row in json.loads((trained_fmnist / "eval.json").read_text())["rows"]][-1] == "depth 4"
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 4])
-def test_export_loads_strictly_into_timm_and_matches(trained_fmnist, tmp_path, depth):
-    out = tmp_path / f"d{depth}.safetensors"
+@pytest.fixture(scope="module")
+def exports(trained_fmnist, tmp_path_factory) -> Path:
+    """``bimdist export --depth k`` for k = 1..4, from one process whose umask is 022."""
+    out = tmp_path_factory.mktemp("exports")
+    calls = "; ".join(f"codes.append(main(['export', {str(trained_fmnist)!r}, '--depth', '{d}', '--out', "
+                      f"{str(out / f'd{d}.safetensors')!r}]))" for d in (1, 2, 3, 4))
     proc = subprocess.run([sys.executable, "-c", "import os, sys; os.umask(0o022); from bimdist.cli import main; "
-                           f"sys.exit(main(['export', {str(trained_fmnist)!r}, '--depth', '{depth}', '--out', "
-                           f"{str(out)!r}]))"], capture_output=True, text=True, timeout=300)
+                           f"codes = []; {calls}; sys.exit(max(codes))"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_export_loads_strictly_into_timm_and_matches(trained_fmnist, exports, depth):
+    out = exports / f"d{depth}.safetensors"
     assert stat.S_IMODE(out.stat().st_mode) == 0o644  # the umask's mode, readable by the cluster's other users
     kwargs = json.loads(out.with_suffix(".json").read_text())
     model = VisionTransformer(**kwargs).eval()
