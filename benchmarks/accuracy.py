@@ -60,6 +60,10 @@ def pretrain_and_eval(name: str, overrides: list[str], run_dir: Path, *, eval_ar
             "train_images": result["train_images"], "test_images": result["test_images"]}
 
 
+# The preset's crop scale before the ablation chose (0.1, 1) (commit b84277b): variants measured earlier changed
+# one thing from that preset, later ones from the current one.
+EARLIER_CROP = [0.2, 1.0]
+
 # What plausibly matters at 28 px, one change at a time from the preset. The model variants keep the compute
 # budget: their step count is scaled by the preset's training FLOPs per sample over theirs.
 ABLATIONS: dict[str, list[str]] = {
@@ -109,27 +113,31 @@ def ablate(args, data: list[str]) -> int:  # noqa: ANN001
         earlier = json.loads(Path(merged).read_text())
         if earlier["steps"] != steps:
             raise SystemExit(f"--merge {merged} ran {earlier['steps']} steps per variant, not {steps}")
-        results.update({k: dict(v, measured=v.get("measured", earlier["date"]))
+        results.update({k: dict(v, measured=v.get("measured", earlier["date"]),
+                                base_crop_scale=v.get("base_crop_scale", EARLIER_CROP))
                         for k, v in earlier["variants"].items() if k not in names})
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             over, n = ablation_args(name, data, steps)
             common = [*data, f"--run.steps={n}", "--pipeline.stages=2", *over]
             results[name] = pretrain_and_eval(name, common, Path(tmp) / f"v{len(results)}", eval_args=eval_args)
-            results[name].update(steps=n, measured=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            results[name].update(steps=n, measured=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                 base_crop_scale=list(load_config("fmnist-tiny", data).data.crop_scale))
     results = {k: results[k] for k in ABLATIONS if k in results}  # the table in a fixed order
     rows = []
     for name, r in results.items():
         full, first, raw = r["rows"][-1], r["rows"][1], r["rows"][0]
-        rows.append([name, r["steps"], round(r["train_seconds"]), full["linear"], full["linear"] - raw["linear"],
-                     first["linear"], full["knn"]])
-    table = md_table(["variant (one change from the preset)", "steps", "train s", "full-depth linear %",
-                      "vs raw pixels", "depth-1 linear %", "full-depth kNN %"], rows)
+        rows.append([name, "({:g}, {:g})".format(*r["base_crop_scale"]), r["steps"], round(r["train_seconds"]),
+                     full["linear"], full["linear"] - raw["linear"], first["linear"], full["knn"]])
+    table = md_table(["variant (one change from the preset)", "preset's crop scale then", "steps", "train s",
+                      "full-depth linear %", "vs raw pixels", "depth-1 linear %", "full-depth kNN %"], rows)
     r0 = next(iter(results.values()))
     table += (f"\n\nShort runs side by side: {steps} steps of batch {load_config('fmnist-tiny', data).data.batch_size}"
               " for each variant (the model variants: as many steps as the preset's compute allows), the 2-stage "
               f"pipeline; probes on {r0['train_images']} train / {r0['test_images']} test images. Raw pixels: "
-              f"{r0['rows'][0]['linear']:.2f}% linear, {r0['rows'][0]['knn']:.2f}% kNN.")
+              f"{r0['rows'][0]['linear']:.2f}% linear, {r0['rows'][0]['knn']:.2f}% kNN. A variant's reference is "
+              "the row run with its preset's crop scale: \"preset\" for (0.2, 1), \"crop scale (0.1, 1)\" for "
+              "(0.1, 1), the preset since the ablation chose it.")
     if args.merge:
         table += (" Variants not run by this command come from " + ", ".join(f"`{Path(m).name}`" for m in args.merge)
                   + " (same steps and probe sizes; see their JSON for how they were measured).")
