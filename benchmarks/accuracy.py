@@ -116,13 +116,14 @@ def ablate(args, data: list[str]) -> int:  # noqa: ANN001
         results.update({k: dict(v, measured=v.get("measured", earlier["date"]),
                                 base_crop_scale=v.get("base_crop_scale", EARLIER_CROP))
                         for k, v in earlier["variants"].items() if k not in names})
+    preset = load_config("fmnist-tiny", data)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             over, n = ablation_args(name, data, steps)
             common = [*data, f"--run.steps={n}", "--pipeline.stages=2", *over]
             results[name] = pretrain_and_eval(name, common, Path(tmp) / f"v{len(results)}", eval_args=eval_args)
             results[name].update(steps=n, measured=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                 base_crop_scale=list(load_config("fmnist-tiny", data).data.crop_scale))
+                                 base_crop_scale=list(preset.data.crop_scale))
     results = {k: results[k] for k in ABLATIONS if k in results}  # the table in a fixed order
     rows = []
     for name, r in results.items():
@@ -132,7 +133,7 @@ def ablate(args, data: list[str]) -> int:  # noqa: ANN001
     table = md_table(["variant (one change from the preset)", "preset's crop scale then", "steps", "train s",
                       "full-depth linear %", "vs raw pixels", "depth-1 linear %", "full-depth kNN %"], rows)
     r0 = next(iter(results.values()))
-    table += (f"\n\nShort runs side by side: {steps} steps of batch {load_config('fmnist-tiny', data).data.batch_size}"
+    table += (f"\n\nShort runs side by side: {steps} steps of batch {preset.data.batch_size}"
               " for each variant (the model variants: as many steps as the preset's compute allows), the 2-stage "
               f"pipeline; probes on {r0['train_images']} train / {r0['test_images']} test images. Raw pixels: "
               f"{r0['rows'][0]['linear']:.2f}% linear, {r0['rows'][0]['knn']:.2f}% kNN. A variant's reference is "

@@ -102,7 +102,8 @@ class Supervisor:
         self.stopping = False
         self.procs = [self.start(rank) for rank in range(self.topo.world_size)]
         policy = (f"a dead stage is restarted alone up to {self.restarts} times" if self.restarts else
-                  "pipeline.stage_restarts=0: a dead stage ends the job")
+                  "no per-stage restart (pipeline.stage_restarts=0, or the DeepSpeed engine): a dead stage ends "
+                  "the job")
         log.info("spawned %d local ranks (%d stages x %d replicas), pids %s; %s", self.topo.world_size,
                  self.topo.stages, self.topo.replicas, [p.pid for p in self.procs], policy)
         first_failure: tuple[int, int] | None = None
@@ -138,7 +139,7 @@ class Supervisor:
         """Start a dead rank again if its failure is one a restart can cure and it has restarts left."""
         curable = code < 0 or code == EXIT_ERROR  # killed, or crashed; not bad input, missing data or a full disk
         if not curable or self.stopping or not self.restarts:
-            return False  # with pipeline.stage_restarts=0 the neighbours see the failure and stop by themselves
+            return False  # without per-stage restart the neighbours see the failure and stop by themselves
         self.deaths[rank].append(code)
         if len(self.deaths[rank]) > self.restarts:
             c = self.topo.coord(rank)

@@ -122,11 +122,14 @@ def test_prometheus_scrapes_every_metric_for_every_stage(stack):
         got = series(stack["prom"], f'{name}{{job="{JOB}"}}')
         assert sorted(s["metric"]["stage"] for s in got) == ["0", "1", "2", "3"], name
         assert {s["metric"]["replica"] for s in got} == {"0"}
-    steps1 = {s["metric"]["stage"]: float(s["value"][1]) for s in series(stack["prom"], "bimdist_steps_total")}
+    def steps() -> dict[str, float]:
+        return {s["metric"]["stage"]: float(s["value"][1]) for s in series(stack["prom"], "bimdist_steps_total")}
+
+    steps1 = steps()
     assert all(v > 0 for v in steps1.values()), steps1
 
     def advanced() -> bool:  # every stage's counter moves on (a loaded machine scrapes a slow stage late)
-        now = {s["metric"]["stage"]: float(s["value"][1]) for s in series(stack["prom"], "bimdist_steps_total")}
+        now = steps()
         return all(now.get(k, 0) > v for k, v in steps1.items())
     assert wait_for(advanced, 60, interval=1.0), steps1
     for s in series(stack["prom"], "bimdist_loss"):
