@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import ROOT, Check, base_parser, md_table, train_flops_per_sample, write_results
-from bimdist.config import load_config
+from bimdist.config import Config, load_config
 
 FMNIST = ROOT / "data" / "fashion-mnist"
 MINI = ROOT / "tests" / "assets" / "fmnist-mini"
@@ -84,9 +84,9 @@ ABLATIONS: dict[str, list[str]] = {
 }
 
 
-def ablation_args(name: str, base: list[str], steps: int) -> tuple[list[str], int]:
-    """The variant's overrides (relative lr and warm-up resolved against the preset) and its step count."""
-    preset = load_config("fmnist-tiny", base)
+def ablation_args(name: str, base: list[str], steps: int, preset: Config) -> tuple[list[str], int]:
+    """The variant's overrides (relative lr and warm-up resolved against ``preset``, the config ``base`` gives)
+    and its step count."""
     over = []
     for a in ABLATIONS[name]:
         a = a.replace("SCALE3", f"{3 * preset.optim.blr:g}").replace("SCALE1/3", f"{preset.optim.blr / 3:g}")
@@ -119,7 +119,7 @@ def ablate(args, data: list[str]) -> int:  # noqa: ANN001
     preset = load_config("fmnist-tiny", data)
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            over, n = ablation_args(name, data, steps)
+            over, n = ablation_args(name, data, steps, preset)
             common = [*data, f"--run.steps={n}", "--pipeline.stages=2", *over]
             results[name] = pretrain_and_eval(name, common, Path(tmp) / f"v{len(results)}", eval_args=eval_args)
             results[name].update(steps=n, measured=time.strftime("%Y-%m-%dT%H:%M:%S"),
