@@ -37,6 +37,7 @@ class Row:
     linear: float
     knn: float
     c: float | None = None  # the probe's chosen inverse regularisation strength
+    held_out: dict[str, float] | None = None  # each candidate C (as text) -> its held-out accuracy, percent
 
 
 def labelled_split(cfg: Config, split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +109,21 @@ def linear_probe(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: t
     return Probe(100.0 * float(model.score(scaler.transform(xt), yt)), best, held)
 
 
+def edge_warning(probe: Probe) -> str | None:
+    """A line for the log when the chosen C is the grid's largest or smallest candidate and beat its neighbour
+    there: the held-out accuracy was still rising at the edge, so a wider ``eval.probe_c`` might probe higher."""
+    cs = sorted(probe.held_out)
+    if len(cs) < 2:
+        return None
+    for edge, inner, side, wider in ((cs[-1], cs[-2], "largest", f"{cs[-1] * 10:g}"),
+                                     (cs[0], cs[1], "smallest", f"{cs[0] / 10:g}")):
+        if probe.c == edge and probe.held_out[edge] > probe.held_out[inner]:
+            return (f"the chosen C={edge:g} is the {side} of eval.probe_c {cs} and beat C={inner:g} on the held-out "
+                    f"split ({probe.held_out[edge]:.2f}% vs {probe.held_out[inner]:.2f}%): add C={wider} to "
+                    "eval.probe_c to see whether the probe gains")
+    return None
+
+
 @torch.no_grad()
 def knn(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, *, k: int,
         temperature: float = 0.07) -> float:
@@ -138,14 +154,20 @@ def evaluate(cfg: Config, backbone: Backbone, *, train_samples: int | None = Non
         t0 = time.perf_counter()
         probe = linear_probe(a, ytr, b, yte, cs=e.probe_c, holdout=e.holdout, search_samples=e.probe_search_samples,
                              seed=cfg.run.seed, max_iter=e.probe_max_iter)
-        r = Row(name, layers, probe.accuracy, knn(a, ytr, b, yte, k=e.knn_k), c=probe.c)
+        r = Row(name, layers, probe.accuracy, knn(a, ytr, b, yte, k=e.knn_k), c=probe.c,
+                held_out={f"{c:g}": v for c, v in sorted(probe.held_out.items())})
         log.info("eval %s: linear %.2f%% (C=%g), kNN %.2f%% (%.0f s)", name, r.linear, probe.c, r.knn,
                  time.perf_counter() - t0)
+        if (edge := edge_warning(probe)) is not None:
+            log.warning("eval %s: %s", name, edge)
         return r
 
     rows = [row("raw pixels", 0, pix_tr, pix_te)]
+    t0 = time.perf_counter()
     ftr = depth_features(backbone, img_tr, batch=e.batch_size, pool=e.pool)
     fte = depth_features(backbone, img_te, batch=e.batch_size, pool=e.pool)
+    log.info("eval: features of %d images at %d depths (%.0f s)", len(img_tr) + len(img_te), len(backbone.cuts),
+             time.perf_counter() - t0)
     for d, (a, b) in enumerate(zip(ftr, fte), start=1):
         rows.append(row(f"depth {d}", backbone.cuts[d - 1], a, b))
     return rows, len(img_tr), len(img_te)

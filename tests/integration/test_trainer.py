@@ -16,7 +16,7 @@ from bimdist.config import load_config
 from bimdist.evaluate import depth_features, labelled_split
 from bimdist.model.backbone import Backbone
 from bimdist.model.unit import normalize_images
-from bimdist.runs import load_units
+from bimdist.runs import load_units, run_config
 from bimdist.telemetry.losslog import read_losses
 from tests.conftest import FMNIST_MINI, TINY, cli, fmnist_mini_args, load_block, max_abs_diff
 
@@ -111,8 +111,11 @@ def test_eval_prints_a_table_for_every_depth(trained_fmnist):
     names = [line.split("|")[1].strip() for line in lines[1:]]  # the |---| rule does not start with "| "
     assert names == ["raw pixels", "depth 1", "depth 2", "depth 3", "depth 4"]
     result = json.loads((trained_fmnist / "eval.json").read_text())
+    grid = run_config(trained_fmnist).eval.probe_c
     for row in result["rows"]:
         assert 10.0 < row["linear"] <= 100.0 and 10.0 < row["knn"] <= 100.0  # above chance on 10 classes
+        assert set(row["held_out"]) == {f"{c:g}" for c in grid}  # each candidate's held-out accuracy is kept
+        assert row["held_out"][f"{row['c']:g}"] == max(row["held_out"].values())
 
 
 def test_eval_overrides_touch_only_the_eval_section(trained_fmnist):

@@ -2,7 +2,7 @@
 
 import torch
 
-from bimdist.evaluate import knn, linear_probe
+from bimdist.evaluate import Probe, edge_warning, knn, linear_probe
 
 CS = [0.001, 0.01, 0.1, 1.0]
 
@@ -37,3 +37,15 @@ def test_probes_separate_blobs_and_stay_near_chance_on_noise():
     nte, nyte = _blobs(400, seed=4, separable=False)
     assert linear_probe(ntr, nytr, nte, nyte, cs=CS).accuracy < 40.0
     assert knn(ntr, nytr, nte, nyte, k=10) < 40.0
+
+
+def test_edge_warning_names_the_grid_edge_only_when_accuracy_still_rose_there():
+    rising = {0.01: 70.0, 0.1: 80.0, 1.0: 82.5}
+    line = edge_warning(Probe(80.0, 1.0, rising))
+    assert line is not None and "C=1 is the largest" in line and "add C=10" in line
+    falling = {0.01: 83.0, 0.1: 80.0, 1.0: 79.0}
+    line = edge_warning(Probe(80.0, 0.01, falling))
+    assert line is not None and "C=0.01 is the smallest" in line and "add C=0.001" in line
+    assert edge_warning(Probe(80.0, 0.1, {0.01: 70.0, 0.1: 82.0, 1.0: 81.0})) is None  # an interior optimum
+    assert edge_warning(Probe(80.0, 0.01, {0.01: 80.0, 0.1: 80.0})) is None  # a tie at the edge: no evidence
+    assert edge_warning(Probe(80.0, 1.0, {1.0: 80.0})) is None  # a single candidate has no neighbour
