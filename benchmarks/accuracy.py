@@ -80,6 +80,7 @@ ABLATIONS: dict[str, list[str]] = {
     "model 128 wide, 8 layers (same compute)": ["--model.embed_dim=128", "--model.num_heads=2", "--model.depth=8"],
     "model 128 wide, 4 layers (same compute)": ["--model.embed_dim=128", "--model.num_heads=2", "--model.depth=4"],
     "model 384 wide, 4 layers (same compute)": ["--model.embed_dim=384", "--model.num_heads=6", "--model.depth=4"],
+    "model 512 wide, 4 layers (same compute)": ["--model.embed_dim=512", "--model.num_heads=8", "--model.depth=4"],
     "crop scale (0.1, 1)": ["--data.crop_scale=[0.1,1.0]"],
 }
 
