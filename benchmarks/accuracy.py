@@ -8,7 +8,8 @@ point; at the shallowest depth BIM >= truncated MAE + 1 point.
 
 ``--ablate`` instead runs short side-by-side variants of what plausibly matters at 28 px (crop scale,
 norm_pix_loss, mask ratio, decoder width and depth, learning rate and warm-up, model width and depth at a fixed
-compute budget) and reports them; the preset's recipe is chosen from that table.
+compute budget) and reports them; the preset's recipe is chosen from that table. Its control row, "no
+pretraining", probes the initial weights: what pretraining adds is the distance to it.
 
     python -m benchmarks.accuracy [--epochs E]
     python -m benchmarks.accuracy --ablate [--steps N]
@@ -63,11 +64,15 @@ def pretrain_and_eval(name: str, overrides: list[str], run_dir: Path, *, eval_ar
 # The preset's crop scale before the ablation chose (0.1, 1) (commit b84277b): variants measured earlier changed
 # one thing from that preset, later ones from the current one.
 EARLIER_CROP = [0.2, 1.0]
+NO_PRETRAINING = "no pretraining (initial weights)"
 
 # What plausibly matters at 28 px, one change at a time from the preset. The model variants keep the compute
 # budget: their step count is scaled by the preset's training FLOPs per sample over theirs.
 ABLATIONS: dict[str, list[str]] = {
     "preset": [],
+    # The control: the initial weights, through the same train and eval commands. Its one step at base lr 1e-12
+    # moves no weight (a test checks it against the seeded initialisation).
+    NO_PRETRAINING: ["--optim.blr=1e-12"],
     "crop scale (0.5, 1)": ["--data.crop_scale=[0.5,1.0]"],
     "crop scale (0.8, 1)": ["--data.crop_scale=[0.8,1.0]"],
     "norm_pix_loss": ["--model.norm_pix_loss=true"],
@@ -96,6 +101,8 @@ def ablation_args(name: str, base: list[str], steps: int, preset: Config) -> tup
         ratio = sum(train_flops_per_sample(preset)) / sum(train_flops_per_sample(load_config("fmnist-tiny",
                                                                                            [*base, *over])))
         steps = int(round(steps * ratio))
+    if name == NO_PRETRAINING:
+        steps = 1
     return over, steps
 
 

@@ -160,3 +160,30 @@ def test_accuracy_ablation_quick(tmp_path):
     # the quick preset is 64 wide and runs 4 steps: the 128-wide variant costs more per step, so it gets fewer
     (variant,) = variants.values()
     assert 0 < variant["steps"] < 4 and variant["rows"][0]["name"] == "raw pixels"
+
+
+def test_ablation_control_keeps_the_initial_weights(tmp_path):
+    """The "no pretraining" row probes the initial weights: its one step at base lr 1e-12 changes no weight."""
+    from benchmarks.accuracy import NO_PRETRAINING, QUICK, ablation_args
+    from bimdist.config import load_config
+    from bimdist.model.unit import build_unit
+    from tests.conftest import cli, load_block
+
+    preset = load_config("fmnist-tiny", QUICK)
+    over, steps = ablation_args(NO_PRETRAINING, QUICK, 234, preset)
+    assert steps == 1
+    proc = cli("train", "fmnist-tiny", *QUICK, f"--run.steps={steps}", *over, f"--run.dir={tmp_path}",
+               "--run.recon_png=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = load_config("fmnist-tiny", [*QUICK, f"--run.steps={steps}", *over])
+    for block in range(cfg.model.blocks):
+        init = build_unit(cfg, block).state_dict()
+        saved = load_block(tmp_path, 1, block)
+        assert saved.keys() == init.keys()
+        assert all(torch.equal(saved[k], init[k]) for k in init), f"block {block} moved"
+    # two steps at the preset's lr do move them (a run's last step is at min_lr, 0), so the check above can fail
+    proc = cli("train", "fmnist-tiny", *QUICK, "--run.steps=2", f"--run.dir={tmp_path / 'lr'}",
+               "--run.recon_png=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = load_block(tmp_path / "lr", 2, 0)
+    assert not all(torch.equal(moved[k], v) for k, v in build_unit(cfg, 0).state_dict().items())
