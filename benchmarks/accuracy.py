@@ -65,6 +65,7 @@ def pretrain_and_eval(name: str, overrides: list[str], run_dir: Path, *, eval_ar
 # one thing from that preset, later ones from the current one.
 EARLIER_CROP = [0.2, 1.0]
 NO_PRETRAINING = "no pretraining (initial weights)"
+NO_PRETRAINING_384 = "no pretraining, model 384 wide, 4 layers"
 
 # What plausibly matters at 28 px, one change at a time from the preset. The model variants keep the compute
 # budget: their step count is scaled by the preset's training FLOPs per sample over theirs.
@@ -73,6 +74,8 @@ ABLATIONS: dict[str, list[str]] = {
     # The control: the initial weights, through the same train and eval commands. Its one step at base lr 1e-12
     # moves no weight (a test checks it against the seeded initialisation).
     NO_PRETRAINING: ["--optim.blr=1e-12"],
+    # and of the widest model that gained
+    NO_PRETRAINING_384: ["--optim.blr=1e-12", "--model.embed_dim=384", "--model.num_heads=6", "--model.depth=4"],
     "crop scale (0.5, 1)": ["--data.crop_scale=[0.5,1.0]"],
     "crop scale (0.8, 1)": ["--data.crop_scale=[0.8,1.0]"],
     "norm_pix_loss": ["--model.norm_pix_loss=true"],
@@ -101,7 +104,7 @@ def ablation_args(name: str, base: list[str], steps: int, preset: Config) -> tup
         ratio = sum(train_flops_per_sample(preset)) / sum(train_flops_per_sample(load_config("fmnist-tiny",
                                                                                            [*base, *over])))
         steps = int(round(steps * ratio))
-    if name == NO_PRETRAINING:
+    if name in (NO_PRETRAINING, NO_PRETRAINING_384):
         steps = 1
     return over, steps
 
