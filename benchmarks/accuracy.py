@@ -61,6 +61,11 @@ def pretrain_and_eval(name: str, overrides: list[str], run_dir: Path, *, eval_ar
             "train_images": result["train_images"], "test_images": result["test_images"]}
 
 
+def depth_rows(rows: list[dict]) -> list[dict]:
+    """The eval's rows of the trained backbone at each depth, shallowest first (not raw pixels or untrained)."""
+    return [r for r in rows if r["name"].startswith("depth ")]
+
+
 # The preset's crop scale before the ablation chose (0.1, 1) (commit b84277b): variants measured earlier changed
 # one thing from that preset, later ones from the current one.
 EARLIER_CROP = [0.2, 1.0]
@@ -138,7 +143,8 @@ def ablate(args, data: list[str]) -> int:  # noqa: ANN001
     results = {k: results[k] for k in ABLATIONS if k in results}  # the table in a fixed order
     rows = []
     for name, r in results.items():
-        full, first, raw = r["rows"][-1], r["rows"][1], r["rows"][0]
+        raw, depths = r["rows"][0], depth_rows(r["rows"])
+        first, full = depths[0], depths[-1]
         rows.append([name, "({:g}, {:g})".format(*r["base_crop_scale"]), r["steps"], round(r["train_seconds"]),
                      full["linear"], full["linear"] - raw["linear"], first["linear"], full["knn"]])
     table = md_table(["variant (one change from the preset)", "preset's crop scale then", "steps", "train s",
@@ -204,14 +210,14 @@ def checks(record: dict) -> list[Check]:
     shallowest depth BIM >= truncated MAE + 1 (linear)."""
     runs = record["runs"]
     bim_key = "BIM" if "BIM" in runs else "BIM, 4 blocks"  # results written before the standard probe
-    bim, mae = runs[bim_key]["rows"], runs["MAE"]["rows"]
-    raw, full, shallow = bim[0], bim[-1], bim[1]
+    bim, mae = depth_rows(runs[bim_key]["rows"]), depth_rows(runs["MAE"]["rows"])
+    raw, full, shallow = runs[bim_key]["rows"][0], bim[-1], bim[0]
     return [
         Check("full-depth BIM linear probe %", full["linear"], 87.0),
         Check("full-depth BIM linear probe - raw pixels, points", full["linear"] - raw["linear"], 2.0),
         Check("full-depth BIM kNN - raw-pixel kNN, points", full["knn"] - raw["knn"], 0.0),
         Check("full-depth BIM - MAE linear probe, points", full["linear"] - mae[-1]["linear"], -0.5),
-        Check("shallowest BIM - truncated MAE linear probe, points", shallow["linear"] - mae[1]["linear"], 1.0),
+        Check("shallowest BIM - truncated MAE linear probe, points", shallow["linear"] - mae[0]["linear"], 1.0),
     ]
 
 

@@ -207,6 +207,8 @@ class EvalConfig(Section):
     probe_search_samples: int | None = Field(10000, gt=0, description="train features each candidate C is fitted "
                                              "on (null: all but the held-out share)")
     probe_max_iter: int = Field(1000, gt=0, description="L-BFGS iterations per probe fit")
+    untrained: bool = Field(False, description="also probe the run's initial weights (its seeded, untrained "
+                            "units) at full depth, a row that shows what pretraining added")
     probe_epochs: int | None = Field(None, description="unused since the linear probe is scikit-learn's; "
                                      "accepted so that the config.yaml of older runs still loads")
 

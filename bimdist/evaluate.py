@@ -1,4 +1,5 @@
-"""``bimdist eval``: frozen features at every depth -> linear probe and kNN accuracy, with a raw-pixel baseline.
+"""``bimdist eval``: frozen features at every depth -> linear probe and kNN accuracy, with a raw-pixel baseline
+and, with ``eval.untrained``, the run's initial weights as a second one.
 
 The features at depth k are those of ``bimdist export --depth k`` loaded into timm: its pooled output (the mean of
 the final-normed patch tokens). The linear probe is scikit-learn's ``LogisticRegression`` (L-BFGS) on standardised
@@ -24,7 +25,7 @@ from bimdist.data.batches import eval_images
 from bimdist.data.stream import DataStats
 from bimdist.data.synthetic import synthetic_image
 from bimdist.model.backbone import Backbone
-from bimdist.model.unit import normalize_images
+from bimdist.model.unit import build_unit, normalize_images, unit_indices
 from bimdist.runs import load_units, run_config
 
 log = logging.getLogger("bimdist.eval")
@@ -163,6 +164,12 @@ def evaluate(cfg: Config, backbone: Backbone, *, train_samples: int | None = Non
         return r
 
     rows = [row("raw pixels", 0, pix_tr, pix_te)]
+    if e.untrained:  # the same architecture and seed as the run, before its first step
+        t0 = time.perf_counter()
+        init = Backbone(cfg, [build_unit(cfg, i).eval() for i in unit_indices(cfg)]).eval()
+        a, b = (depth_features(init, imgs, batch=e.batch_size, pool=e.pool)[-1] for imgs in (img_tr, img_te))
+        log.info("eval: untrained features of %d images (%.0f s)", len(img_tr) + len(img_te), time.perf_counter() - t0)
+        rows.append(row(f"untrained, depth {len(init.cuts)}", init.cuts[-1], a, b))
     t0 = time.perf_counter()
     ftr = depth_features(backbone, img_tr, batch=e.batch_size, pool=e.pool)
     fte = depth_features(backbone, img_te, batch=e.batch_size, pool=e.pool)

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from bimdist.config import load_config
-from bimdist.evaluate import depth_features, labelled_split
+from bimdist.evaluate import depth_features, knn, labelled_split
 from bimdist.model.backbone import Backbone
-from bimdist.model.unit import normalize_images
+from bimdist.model.unit import build_unit, normalize_images, unit_indices
 from bimdist.runs import load_units, run_config
 from bimdist.telemetry.losslog import read_losses
 from tests.conftest import FMNIST_MINI, TINY, cli, fmnist_mini_args, load_block, max_abs_diff
@@ -126,6 +126,25 @@ def test_eval_overrides_touch_only_the_eval_section(trained_fmnist):
     cls = cli("eval", str(trained_fmnist), "--eval.pool=cls", "--eval.probe_c=[0.1]")
     assert cls.returncode == 0, cls.stderr
     assert [row["name"] for row in json.loads((trained_fmnist / "eval.json").read_text())["rows"]][-1] == "depth 4"
+
+
+def test_eval_untrained_row_probes_the_initial_weights(trained_fmnist):
+    proc = cli("eval", str(trained_fmnist), "--eval.untrained=true", "--eval.probe_c=[0.1]")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((trained_fmnist / "eval.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["raw pixels", "untrained, depth 4", "depth 1", "depth 2", "depth 3",
+                                         "depth 4"]
+    assert rows[1]["layers"] == rows[-1]["layers"]
+    # the row's kNN, recomputed from a backbone of freshly seeded units: the weights before the first step (a test
+    # in test_benchmarks.py checks that a run starts from exactly these)
+    cfg = run_config(trained_fmnist)
+    init = Backbone(cfg, [build_unit(cfg, i).eval() for i in unit_indices(cfg)]).eval()
+    trained = Backbone(cfg, load_units(cfg, trained_fmnist)[0]).eval()
+    split = {s: labelled_split(cfg, s, n) for s, n in (("train", 256), ("test", 128))}
+    feats = {s: depth_features(init, split[s][0], batch=cfg.eval.batch_size, pool="avg")[-1] for s in split}
+    assert rows[1]["knn"] == knn(feats["train"], split["train"][1], feats["test"], split["test"][1], k=cfg.eval.knn_k)
+    moved = depth_features(trained, split["test"][0], batch=64, pool="avg")[-1]
+    assert not torch.allclose(moved, feats["test"])  # the trained features are others, so the check can fail
 
 
 @pytest.fixture(scope="module")
