@@ -181,9 +181,6 @@ def test_ablation_control_keeps_the_initial_weights(tmp_path):
         saved = load_block(tmp_path, 1, block)
         assert saved.keys() == init.keys()
         assert all(torch.equal(saved[k], init[k]) for k in init), f"block {block} moved"
-    # two steps at the preset's lr do move them (a run's last step is at min_lr, 0), so the check above can fail
-    proc = cli("train", "fmnist-tiny", *QUICK, "--run.steps=2", f"--run.dir={tmp_path / 'lr'}",
-               "--run.recon_png=false")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    moved = load_block(tmp_path / "lr", 2, 0)
-    assert not all(torch.equal(moved[k], v) for k, v in build_unit(cfg, 0).state_dict().items())
+    # another seed's initialisation differs from the saved weights, so the check above can fail
+    other = build_unit(load_config("fmnist-tiny", [*QUICK, "--run.seed=1"]), 0).state_dict()
+    assert not all(torch.equal(load_block(tmp_path, 1, 0)[k], v) for k, v in other.items())

@@ -131,7 +131,8 @@ def test_eval_overrides_touch_only_the_eval_section(trained_fmnist):
 def test_eval_untrained_row_probes_the_initial_weights(trained_fmnist):
     proc = cli("eval", str(trained_fmnist), "--eval.untrained=true", "--eval.probe_c=[0.1]")
     assert proc.returncode == 0, proc.stderr
-    rows = json.loads((trained_fmnist / "eval.json").read_text())["rows"]
+    result = json.loads((trained_fmnist / "eval.json").read_text())
+    rows = result["rows"]
     assert [r["name"] for r in rows] == ["raw pixels", "untrained, depth 4", "depth 1", "depth 2", "depth 3",
                                          "depth 4"]
     assert rows[1]["layers"] == rows[-1]["layers"]
@@ -140,10 +141,10 @@ def test_eval_untrained_row_probes_the_initial_weights(trained_fmnist):
     cfg = run_config(trained_fmnist)
     init = Backbone(cfg, [build_unit(cfg, i).eval() for i in unit_indices(cfg)]).eval()
     trained = Backbone(cfg, load_units(cfg, trained_fmnist)[0]).eval()
-    split = {s: labelled_split(cfg, s, n) for s, n in (("train", 256), ("test", 128))}
+    split = {s: labelled_split(cfg, s, result[f"{s}_images"]) for s in ("train", "test")}
     feats = {s: depth_features(init, split[s][0], batch=cfg.eval.batch_size, pool="avg")[-1] for s in split}
     assert rows[1]["knn"] == knn(feats["train"], split["train"][1], feats["test"], split["test"][1], k=cfg.eval.knn_k)
-    moved = depth_features(trained, split["test"][0], batch=64, pool="avg")[-1]
+    moved = depth_features(trained, split["test"][0], batch=cfg.eval.batch_size, pool="avg")[-1]
     assert not torch.allclose(moved, feats["test"])  # the trained features are others, so the check can fail
 
 
