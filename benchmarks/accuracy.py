@@ -71,6 +71,9 @@ def depth_rows(rows: list[dict]) -> list[dict]:
 EARLIER_CROP = [0.2, 1.0]
 NO_PRETRAINING = "no pretraining (initial weights)"
 NO_PRETRAINING_384 = "no pretraining, model 384 wide, 4 layers"
+CONTROLS = (NO_PRETRAINING, NO_PRETRAINING_384)  # one step each: the initial weights
+UNTRAINED = ["--optim.blr=1e-12"]
+MODEL_384 = ["--model.embed_dim=384", "--model.num_heads=6", "--model.depth=4"]
 
 # What plausibly matters at 28 px, one change at a time from the preset. The model variants keep the compute
 # budget: their step count is scaled by the preset's training FLOPs per sample over theirs.
@@ -78,9 +81,8 @@ ABLATIONS: dict[str, list[str]] = {
     "preset": [],
     # The control: the initial weights, through the same train and eval commands. Its one step at base lr 1e-12
     # moves no weight (a test checks it against the seeded initialisation).
-    NO_PRETRAINING: ["--optim.blr=1e-12"],
-    # and of the widest model that gained
-    NO_PRETRAINING_384: ["--optim.blr=1e-12", "--model.embed_dim=384", "--model.num_heads=6", "--model.depth=4"],
+    NO_PRETRAINING: UNTRAINED,
+    NO_PRETRAINING_384: [*UNTRAINED, *MODEL_384],  # and of the widest model that gained
     "crop scale (0.5, 1)": ["--data.crop_scale=[0.5,1.0]"],
     "crop scale (0.8, 1)": ["--data.crop_scale=[0.8,1.0]"],
     "norm_pix_loss": ["--model.norm_pix_loss=true"],
@@ -92,7 +94,7 @@ ABLATIONS: dict[str, list[str]] = {
     "base lr / 3, warm-up x3": ["--optim.blr=SCALE1/3", "--optim.warmup_steps=WARM3"],
     "model 128 wide, 8 layers (same compute)": ["--model.embed_dim=128", "--model.num_heads=2", "--model.depth=8"],
     "model 128 wide, 4 layers (same compute)": ["--model.embed_dim=128", "--model.num_heads=2", "--model.depth=4"],
-    "model 384 wide, 4 layers (same compute)": ["--model.embed_dim=384", "--model.num_heads=6", "--model.depth=4"],
+    "model 384 wide, 4 layers (same compute)": MODEL_384,
     "model 512 wide, 4 layers (same compute)": ["--model.embed_dim=512", "--model.num_heads=8", "--model.depth=4"],
     "crop scale (0.1, 1)": ["--data.crop_scale=[0.1,1.0]"],
 }
@@ -109,7 +111,7 @@ def ablation_args(name: str, base: list[str], steps: int, preset: Config) -> tup
         ratio = sum(train_flops_per_sample(preset)) / sum(train_flops_per_sample(load_config("fmnist-tiny",
                                                                                            [*base, *over])))
         steps = int(round(steps * ratio))
-    if name in (NO_PRETRAINING, NO_PRETRAINING_384):
+    if name in CONTROLS:
         steps = 1
     return over, steps
 

@@ -25,8 +25,8 @@ from bimdist.data.batches import eval_images
 from bimdist.data.stream import DataStats
 from bimdist.data.synthetic import synthetic_image
 from bimdist.model.backbone import Backbone
-from bimdist.model.unit import build_unit, normalize_images, unit_indices
-from bimdist.runs import load_units, run_config
+from bimdist.model.unit import normalize_images
+from bimdist.runs import initial_units, load_units, run_config
 
 log = logging.getLogger("bimdist.eval")
 
@@ -166,7 +166,7 @@ def evaluate(cfg: Config, backbone: Backbone, *, train_samples: int | None = Non
     rows = [row("raw pixels", 0, pix_tr, pix_te)]
     if e.untrained:  # the same architecture and seed as the run, before its first step
         t0 = time.perf_counter()
-        init = Backbone(cfg, [build_unit(cfg, i).eval() for i in unit_indices(cfg)]).eval()
+        init = Backbone(cfg, initial_units(cfg)).eval()
         a, b = (depth_features(init, imgs, batch=e.batch_size, pool=e.pool)[-1] for imgs in (img_tr, img_te))
         log.info("eval: untrained features of %d images (%.0f s)", len(img_tr) + len(img_te), time.perf_counter() - t0)
         rows.append(row(f"untrained, depth {len(init.cuts)}", init.cuts[-1], a, b))

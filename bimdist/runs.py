@@ -31,12 +31,15 @@ def load_units(cfg: Config, run_dir: Path, *, step: int | None = None) -> tuple[
         step = store.latest()
         if step is None:
             raise CheckpointError(f"no complete checkpoint under {store.root}; train first (or wait for it to finish)")
-    units = []
-    for i in unit_indices(cfg):
-        unit = build_unit(cfg, i)
+    units = initial_units(cfg)
+    for i, unit in zip(unit_indices(cfg), units):
         unit.load_state_dict(store.load_block(step, i)["model"])
-        units.append(unit.eval())
     return units, step
+
+
+def initial_units(cfg: Config) -> list[BlockUnit]:
+    """Every unit of the run as its first step finds it (seeded, untrained), in eval mode."""
+    return [build_unit(cfg, i).eval() for i in unit_indices(cfg)]
 
 
 @torch.no_grad()

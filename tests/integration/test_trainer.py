@@ -15,8 +15,8 @@ from timm.models.vision_transformer import VisionTransformer
 from bimdist.config import load_config
 from bimdist.evaluate import depth_features, knn, labelled_split
 from bimdist.model.backbone import Backbone
-from bimdist.model.unit import build_unit, normalize_images, unit_indices
-from bimdist.runs import load_units, run_config
+from bimdist.model.unit import normalize_images
+from bimdist.runs import initial_units, load_units, run_config
 from bimdist.telemetry.losslog import read_losses
 from tests.conftest import FMNIST_MINI, TINY, cli, fmnist_mini_args, load_block, max_abs_diff
 
@@ -139,7 +139,7 @@ def test_eval_untrained_row_probes_the_initial_weights(trained_fmnist):
     # the row's kNN, recomputed from a backbone of freshly seeded units: the weights before the first step (a test
     # in test_benchmarks.py checks that a run starts from exactly these)
     cfg = run_config(trained_fmnist)
-    init = Backbone(cfg, [build_unit(cfg, i).eval() for i in unit_indices(cfg)]).eval()
+    init = Backbone(cfg, initial_units(cfg)).eval()
     trained = Backbone(cfg, load_units(cfg, trained_fmnist)[0]).eval()
     split = {s: labelled_split(cfg, s, result[f"{s}_images"]) for s in ("train", "test")}
     feats = {s: depth_features(init, split[s][0], batch=cfg.eval.batch_size, pool="avg")[-1] for s in split}
