@@ -78,6 +78,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _mismatch(path: Path, meta: dict) -> str | None:
+    """Why ``path`` does not match its sidecar, or None. A file that vanishes while it is read (another stage's
+    cleanup of an old step, which runs while this one lists its own steps) makes the step unusable, not the run."""
+    try:
+        if meta.get("bytes") != path.stat().st_size or meta.get("sha256") != sha256_file(path):
+            return f"{path.name} does not match its recorded size/sha256 (corrupt or truncated)"
+    except OSError as e:
+        return f"{path.name} could not be read ({e.strerror or e}; removed by old-checkpoint cleanup?)"
+    return None
+
+
 class CheckpointStore:
     def __init__(self, root: Path, *, fingerprint: str, blocks: list[int], replicas: int, keep: int):
         self.root = Path(root)
@@ -163,8 +174,9 @@ class CheckpointStore:
                     f"this run {self.fingerprint}: method, model or masking differ); use another run.dir "
                     "or start fresh with --fresh"
                 )
-            if meta.get("bytes") != path.stat().st_size or meta.get("sha256") != sha256_file(path):
-                return f"{path.name} does not match its recorded size/sha256 (corrupt or truncated)"
+            mismatch = _mismatch(path, meta)
+            if mismatch:
+                return mismatch
         return None
 
     def own_files(self, step: int, blocks: list[int], replica: int, *, first: bool) -> list[Path]:
@@ -193,8 +205,9 @@ class CheckpointStore:
             if meta.get("fingerprint") != self.fingerprint:
                 raise IncompatibleCheckpoint(f"checkpoint {path} was written by a different config; use another "
                                              "run.dir or start fresh with --fresh")
-            if meta.get("bytes") != path.stat().st_size or meta.get("sha256") != sha256_file(path):
-                return f"{path.name} does not match its recorded size/sha256 (corrupt or truncated)"
+            mismatch = _mismatch(path, meta)
+            if mismatch:
+                return mismatch
         return None
 
     def latest(self) -> int | None:

@@ -1,4 +1,5 @@
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,29 @@ def test_unwritable_location_is_a_clear_error(tmp_path):
     store = _store(tmp_path / "file" / "checkpoints")
     with pytest.raises(CheckpointError, match="cannot write .*file/checkpoints"):
         _save(store, 10)
+
+
+def test_a_step_removed_while_it_is_read_is_skipped(tmp_path, monkeypatch):
+    """Stages share the step folders: one stage's cleanup of an old step (``finish``) can remove it while another
+    hashes its own files there (``own_steps``, right after its own checkpoint). That step is then unusable and the
+    stage goes on; it used to die of FileNotFoundError (exit 1) in the middle of a run."""
+    import bimdist.train.checkpoint as checkpoint
+
+    store = _store(tmp_path, keep=3)
+    for step in (10, 20, 30):
+        _save(store, step)
+    real, vanish = checkpoint.sha256_file, []
+
+    def hash_racing_cleanup(path: Path) -> str:
+        if vanish and path.parent == store.step_dir(vanish[0]):
+            shutil.rmtree(path.parent)  # what the other stage's finish() does to an old step
+            vanish.clear()
+        return real(path)
+
+    monkeypatch.setattr(checkpoint, "sha256_file", hash_racing_cleanup)
+    vanish.append(10)
+    assert store.own_steps([0], 0, first=True) == [30, 20]
+    assert not vanish and not store.step_dir(10).exists()
+    vanish.append(30)
+    assert store.latest() == 20  # verify() of the newest step lost its files: the next one is used
+    assert not vanish and store.steps_on_disk() == [20]
