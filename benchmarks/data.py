@@ -131,6 +131,7 @@ def measure(kind: str, pattern: str, *, batches: int, warmup: int = 2) -> dict:
     over = [f"--data.train_shards={pattern}", f"--data.batch_size={BATCH}", "--data.shuffle_buffer=200",
             f"--data.jpeg_draft={kind != 'w0-nodraft'}", f"--data.decode={'cuda' if kind == 'gpu' else 'cpu'}"]
     cfg = load_config("vit-base-16", over)
+    workers0 = tree_cpu_seconds(children_only=True)
     if kind == "legacy":
         it = legacy_batches(cfg, pattern)
     else:
@@ -148,14 +149,17 @@ def measure(kind: str, pattern: str, *, batches: int, warmup: int = 2) -> dict:
     if kind == "gpu":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, tree_cpu_seconds() - cpu0
+    in_workers = max(0.0, tree_cpu_seconds(children_only=True) - workers0)  # start-up and warm-up included
     close = getattr(it, "close", None)
     if close is not None:
         close()
-    return {"samples_per_s": n / wall, "samples_per_cpu_s": n / cpu, "cpu_cores_busy": cpu / wall, "samples": n}
+    return {"samples_per_s": n / wall, "samples_per_cpu_s": n / cpu, "cpu_cores_busy": cpu / wall, "samples": n,
+            "worker_cpu_s": in_workers}
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds used so far by this process and its live children (the data workers), from /proc."""
+def tree_cpu_seconds(*, children_only: bool = False) -> float:
+    """CPU seconds used so far by this process and its live children (the data workers), from /proc;
+    ``children_only``: by the children alone."""
     tick = os.sysconf("SC_CLK_TCK")
     me = os.getpid()
     total = 0.0
@@ -166,7 +170,7 @@ def tree_cpu_seconds() -> float:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(entry) == me or int(fields[1]) == me:  # fields[1]: the parent's pid
+        if (int(entry) == me and not children_only) or int(fields[1]) == me:  # fields[1]: the parent's pid
             total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
     return total
 
@@ -195,7 +199,8 @@ def decode_alone(which: str, pattern: str, *, seconds: float) -> dict:
             fn(b)
         n += len(data)
     wall = time.perf_counter() - t0
-    return {"samples_per_s": n / wall, "samples_per_cpu_s": n / wall, "cpu_cores_busy": 1.0, "samples": n}
+    return {"samples_per_s": n / wall, "samples_per_cpu_s": n / wall, "cpu_cores_busy": 1.0, "samples": n,
+            "worker_cpu_s": 0.0}
 
 
 def run_measure(kind: str, pattern: str, *, cores: list[int], batches: int) -> dict:
@@ -271,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in rounds.items()}
     busy = {k: statistics.median(r["cpu_cores_busy"] for r in v) for k, v in rounds.items()}
     per_core = {k: statistics.median(r["samples_per_cpu_s"] for r in v) for k, v in rounds.items()}
+    in_workers = {k: statistics.median(r["worker_cpu_s"] for r in v) for k, v in rounds.items()}
     feed = scaling_rate()
     record = {"images": args.images, "batch": BATCH, "rounds": rounds, "median_samples_per_s": med,
-              "cores_busy": busy, "samples_per_cpu_s": per_core, "bytes_per_image": sizes,
+              "cores_busy": busy, "samples_per_cpu_s": per_core, "worker_cpu_s": in_workers, "bytes_per_image": sizes,
               "made_and_prepared_s": made_s, "machine_cores": len(cores), "scaling_model_rate": feed}
     rows = [[CONTENDERS[k], len(cores) if k in ALL_CORES else 1, busy[k], med[k], per_core[k],
              min(r["samples_per_s"] for r in rounds[k]), max(r["samples_per_s"] for r in rounds[k])] for k in kinds]

@@ -98,7 +98,10 @@ def test_data_quick(tmp_path):
     assert all(v > 0 for v in med.values())
     assert r["bytes_per_image"]["max256"] < r["bytes_per_image"]["plain"]
     assert r["cores_to_feed"] > 0 and len(r["checks"]) >= 4
-    assert 0 < r["cores_busy"]["w0"] <= 1.5 and r["cores_busy"]["w2"] > r["cores_busy"]["w0"]
+    assert 0 < r["cores_busy"]["w0"] <= 1.5
+    # where the decoding ran (not how fast: the other test process may hold the second core): in the rank itself
+    # with workers=0, in worker processes with workers=2
+    assert r["worker_cpu_s"]["w0"] == 0 and r["worker_cpu_s"]["w2"] > 0
 
 
 def test_doctor_quick(tmp_path):
