@@ -72,8 +72,10 @@ def train(args: list[str], run_dir: Path, log: Path, *, kills: list[tuple[int, i
                    and time.monotonic() < deadline and job.poll() is None):
                 time.sleep(0.2)
             after_pids = ranks_of(job.pid)
+            # a rank that is gone has finished its steps (the tiny --quick model can, by now); one with a new PID
+            # was restarted, which only the killed one may be
             events.append({"stage": stage, "killed_at": killed_at, "pids_before": before, "pids_after": after_pids,
-                           "others_kept": all(after_pids.get(r) == p for r, p in before.items() if r != stage)})
+                           "others_kept": all(after_pids.get(r, p) == p for r, p in before.items() if r != stage)})
         code = job.wait(timeout=3600)
     finally:
         if job.poll() is None:
@@ -81,10 +83,15 @@ def train(args: list[str], run_dir: Path, log: Path, *, kills: list[tuple[int, i
     text = log.read_text()
     lines = re.findall(r"recovery stage=(\d+) replica=0 incarnation=(\d+) resumed_at_step=(\d+) "
                        r"first_step_s_after_death=([\d.]+)", text)
-    for event, (stage, _, resumed, seconds) in zip(events, lines):
-        assert int(stage) == event["stage"]
-        event.update(resumed_at=int(resumed), first_step_s_after_death=float(seconds))
-    return {"exit_code": code, "events": events, "log": str(log)}
+    unmatched = list(lines)
+    for event in events:  # each kill's restart: the next recovery line of that stage
+        line = next((x for x in unmatched if int(x[0]) == event["stage"]), None)
+        if line is not None:
+            unmatched.remove(line)
+            event.update(resumed_at=int(line[2]), first_step_s_after_death=float(line[3]))
+    restarted = sorted(int(stage) for stage, *_ in lines)  # every restart of the run, whoever caused it
+    return {"exit_code": code, "events": events, "log": str(log), "restarted_stages": restarted,
+            "only_the_killed_restarted": restarted == sorted(stage for stage, _, _ in kills)}
 
 
 def died_at_step(log: str, stage: int, nth: int) -> int:

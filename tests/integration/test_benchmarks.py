@@ -125,6 +125,7 @@ def test_recovery_quick(tmp_path):
     assert r["exact_one"] and r["exact_three"]
     assert [e["stage"] for e in r["three_kills"]["events"]] == [2, 0, 3]
     assert all(e["others_kept"] for e in r["three_kills"]["events"] + r["one_kill"]["events"])
+    assert r["one_kill"]["only_the_killed_restarted"] and r["three_kills"]["only_the_killed_restarted"]
 
 
 def test_model_quick(tmp_path):
