@@ -78,17 +78,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _mismatch(path: Path, meta: dict) -> str | None:
-    """Why ``path`` does not match its sidecar, or None. A file that vanishes while it is read (another stage's
-    cleanup of an old step, which runs while this one lists its own steps) makes the step unusable, not the run."""
-    try:
-        if meta.get("bytes") != path.stat().st_size or meta.get("sha256") != sha256_file(path):
-            return f"{path.name} does not match its recorded size/sha256 (corrupt or truncated)"
-    except OSError as e:
-        return f"{path.name} could not be read ({e.strerror or e}; removed by old-checkpoint cleanup?)"
-    return None
-
-
 class CheckpointStore:
     def __init__(self, root: Path, *, fingerprint: str, blocks: list[int], replicas: int, keep: int):
         self.root = Path(root)
@@ -160,24 +149,7 @@ class CheckpointStore:
     # ---- reading ------------------------------------------------------------------------------------------
     def verify(self, step: int) -> str | None:
         """None if the step is complete and intact, else the reason it cannot be used."""
-        for path in self.expected(step):
-            side = self.sidecar(path)
-            if not path.exists() or not side.exists():
-                return f"{path.name} is missing"
-            try:
-                meta = json.loads(side.read_text())
-            except (OSError, ValueError) as e:
-                return f"{side.name} is unreadable ({e})"
-            if meta.get("fingerprint") != self.fingerprint:
-                raise IncompatibleCheckpoint(
-                    f"checkpoint {path} was written by a different config (fingerprint {meta.get('fingerprint')}, "
-                    f"this run {self.fingerprint}: method, model or masking differ); use another run.dir "
-                    "or start fresh with --fresh"
-                )
-            mismatch = _mismatch(path, meta)
-            if mismatch:
-                return mismatch
-        return None
+        return self._intact(self.expected(step))
 
     def own_files(self, step: int, blocks: list[int], replica: int, *, first: bool) -> list[Path]:
         """One stage's files of ``step``: its blocks (replica 0 writes them for every replica) and, for stage 0,
@@ -192,22 +164,34 @@ class CheckpointStore:
         good = []
         for step in self.steps_on_disk():
             files = self.own_files(step, blocks, replica, first=first)
+            # a partial step is skipped before its files are read (a foreign file there is not this run's error)
             if all(p.exists() and self.sidecar(p).exists() for p in files) and self._intact(files) is None:
                 good.append(step)
         return good
 
     def _intact(self, files: list[Path]) -> str | None:
+        """None if every file and its sidecar are there and match, else the reason. A file that vanishes while it
+        is read (another stage's cleanup of an old step, which runs while this one lists its own steps) makes the
+        step unusable, not the run."""
         for path in files:
+            side = self.sidecar(path)
+            if not path.exists() or not side.exists():
+                return f"{path.name} is missing"
             try:
-                meta = json.loads(self.sidecar(path).read_text())
+                meta = json.loads(side.read_text())
             except (OSError, ValueError) as e:
-                return f"{self.sidecar(path).name} is unreadable ({e})"
+                return f"{side.name} is unreadable ({e})"
             if meta.get("fingerprint") != self.fingerprint:
-                raise IncompatibleCheckpoint(f"checkpoint {path} was written by a different config; use another "
-                                             "run.dir or start fresh with --fresh")
-            mismatch = _mismatch(path, meta)
-            if mismatch:
-                return mismatch
+                raise IncompatibleCheckpoint(
+                    f"checkpoint {path} was written by a different config (fingerprint {meta.get('fingerprint')}, "
+                    f"this run {self.fingerprint}: method, model or masking differ); use another run.dir "
+                    "or start fresh with --fresh"
+                )
+            try:
+                if meta.get("bytes") != path.stat().st_size or meta.get("sha256") != sha256_file(path):
+                    return f"{path.name} does not match its recorded size/sha256 (corrupt or truncated)"
+            except OSError as e:
+                return f"{path.name} could not be read ({e.strerror or e}; removed by old-checkpoint cleanup?)"
         return None
 
     def latest(self) -> int | None:
