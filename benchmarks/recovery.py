@@ -7,6 +7,8 @@ and then with stages killed -9 mid-run under the standalone launcher, one run af
 - Lost work: the stage-steps recomputed (the dead stage only, from its own checkpoint) against what a whole-job
   restart from the same checkpoint would recompute (every stage from it); the ratio approaches 1/S.
 - Three kills of different stages in one run, stage 0 among them: does it still finish, exact?
+- The shipped defaults (no ``--checkpoint.every``, timeouts and replay caps as shipped): one kill of stage 2 before
+  the first checkpoint, so the stage restarts from the run's start and its upstream replays every step since.
 
 Targets: first new step <= 30 s after the kill; exit 0 and bit-identical weights (both runs); other PIDs kept.
 
@@ -49,8 +51,16 @@ def ranks_of(pid: int) -> dict[int, int]:
     return found
 
 
-def train(args: list[str], run_dir: Path, log: Path, *, kills: list[tuple[int, int, float]]) -> dict:
-    """One run; ``kills``: (stage, its checkpoint at this step, seconds after that checkpoint). Returns what
+def after_checkpoint(stage: int, step: int) -> str:
+    return f"checkpoint stage={stage} replica=0 step={step} "
+
+
+def after_progress(stage: int, step: int) -> str:
+    return f"progress stage={stage} replica=0 step={step}/"
+
+
+def train(args: list[str], run_dir: Path, log: Path, *, kills: list[tuple[int, str, float]]) -> dict:
+    """One run; ``kills``: (stage, the log line it is killed after, seconds after that line). Returns what
     happened."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     with open(log, "w") as f:
@@ -58,8 +68,7 @@ def train(args: list[str], run_dir: Path, log: Path, *, kills: list[tuple[int, i
                                stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     events = []
     try:
-        for stage, after, delay in kills:
-            mark = f"checkpoint stage={stage} replica=0 step={after} "
+        for stage, mark, delay in kills:
             deadline = time.monotonic() + 900
             while mark not in log.read_text() and time.monotonic() < deadline and job.poll() is None:
                 time.sleep(0.2)
@@ -120,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ensure_data()
         steps, every, base = args.steps, 20, ["fmnist-tiny"]
-    common = [*base, f"--run.steps={steps}", "--pipeline.stages=4", "--pipeline.threads=1",
-              f"--checkpoint.every={every}", f"--run.log_every={every}", "--pipeline.peer_timeout_s=60"]
+    shipped = [*base, f"--run.steps={steps}", "--pipeline.stages=4", "--pipeline.threads=1", f"--run.log_every={every}"]
+    if args.quick:  # tiny.yaml shortens the timeouts; the defaults run sets them back
+        shipped += ["--pipeline.peer_timeout_s=120", "--pipeline.startup_timeout_s=600"]
+    common = [*shipped, f"--checkpoint.every={every}", "--pipeline.peer_timeout_s=60"]
     stages = 4
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -129,23 +140,34 @@ def main(argv: list[str] | None = None) -> int:
         ref_s = time.perf_counter() - t0
         # about half a checkpoint interval; --quick's tiny model steps too fast for that to land mid-run
         half = 0.0 if args.quick else ref_s / steps * every / 2
-        one = train(common, Path(tmp) / "one", Path(tmp) / "one.log", kills=[(2, 2 * every, half)])
+        one = train(common, Path(tmp) / "one", Path(tmp) / "one.log",
+                    kills=[(2, after_checkpoint(2, 2 * every), half)])
         three = train(common, Path(tmp) / "three", Path(tmp) / "three.log",
-                      kills=[(2, every, 0.0), (0, 2 * every, half), (3, 3 * every, 0.0)])
+                      kills=[(2, after_checkpoint(2, every), 0.0), (0, after_checkpoint(0, 2 * every), half),
+                             (3, after_checkpoint(3, 3 * every), 0.0)])
+        # the shipped settings: checkpoint.every=500 (beyond this run), the timeouts and replay caps as shipped
+        defaults = train(shipped, Path(tmp) / "defaults", Path(tmp) / "defaults.log",
+                         kills=[(2, after_progress(2, 2 * every), half)])
         exact_one = one["exit_code"] == 0 and same_weights(Path(tmp) / "ref", Path(tmp) / "one", steps, stages)
         exact_three = three["exit_code"] == 0 and same_weights(Path(tmp) / "ref", Path(tmp) / "three", steps, stages)
+        exact_defaults = defaults["exit_code"] == 0 and same_weights(Path(tmp) / "ref", Path(tmp) / "defaults", steps,
+                                                                     stages)
         died = died_at_step(one["log"], 2, 0)
     e = one["events"][0]
     recomputed = max(0, died - e["resumed_at"])
     whole_job = stages * max(0, died - e["resumed_at"])  # every stage back to the same checkpoint
     record = {"steps": steps, "checkpoint_every": every, "stages": stages, "reference_seconds": ref_s,
               "one_kill": one, "three_kills": three, "exact_one": exact_one, "exact_three": exact_three,
+              "defaults_kill": defaults, "exact_defaults": exact_defaults,
               "died_at_step": died, "stage_steps_recomputed": recomputed, "whole_job_stage_steps": whole_job}
     rows = [[f"kill -9 of stage 2 {half:.0f} s after its step-{2 * every} checkpoint", one["exit_code"],
              e["others_kept"], e["first_step_s_after_death"], f"{e['resumed_at']} (reached {died})", exact_one]]
     for ev in three["events"]:
         rows.append([f"three kills: stage {ev['stage']}", three["exit_code"], ev["others_kept"],
                      ev["first_step_s_after_death"], ev["resumed_at"], exact_three])
+    d = defaults["events"][0]
+    rows.append([f"shipped defaults (no checkpoint yet): kill -9 of stage 2 at step {2 * every}", defaults["exit_code"],
+                 d["others_kept"], d["first_step_s_after_death"], d["resumed_at"], exact_defaults])
     table = md_table(["run", "exit", "other stages kept their PIDs", "first new step, s after the kill",
                       "resumed at step", "weights equal the uninterrupted run"], rows)
     table += (f"\n\n{'tiny' if args.quick else 'fmnist-tiny'}, 4 stages (one process each, one thread), {steps} steps, "
@@ -166,7 +188,12 @@ def checks(record: dict) -> list[Check]:
         Check("one kill: exit 0 and the uninterrupted run's weights (1 = yes)", float(record["exact_one"]), 1.0),
         Check("three kills (stage 0 among them): exit 0 and exact (1 = yes)", float(record["exact_three"]), 1.0),
         Check("one kill: the other stages kept their processes (1 = yes)", float(e["others_kept"]), 1.0),
-    ]
+    ] + ([
+        Check("shipped defaults, kill before the first checkpoint: exit 0 and exact (1 = yes)",
+              float(record["exact_defaults"]), 1.0),
+        Check("shipped defaults: first new step of the restarted stage, s after the kill",
+              record["defaults_kill"]["events"][0]["first_step_s_after_death"], 30.0, at_most=True),
+    ] if "defaults_kill" in record else [])
 
 
 if __name__ == "__main__":

@@ -161,6 +161,9 @@ class PipelineConfig(Section):
     replay: bool = Field(True, description="keep sent messages until the next stage's restart point, so a "
                          "restarted stage recomputes exactly (off: it resumes at the current step and skips)")
     replay_memory_mb: int = Field(512, ge=1, description="replay log kept in memory; the rest spills to run.dir")
+    replay_disk_mb: int = Field(4096, ge=0, description="replay log spilled to run.dir/replay/ per stage; past it "
+                                "the oldest messages go and the next stage can no longer restart alone until its "
+                                "next checkpoint (a dead one then ends the job, exit 3)")
     engine: Literal["torch", "deepspeed"] = "torch"
     deepspeed_config: str | dict[str, Any] | None = None
 
@@ -177,7 +180,10 @@ class MetricsConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    every: int = Field(500, ge=0, description="checkpoint every N steps (0: only at the end). A stage restarted "
+                       "alone resumes from its newest checkpoint, and the stage before it keeps every message since "
+                       "in its replay log: the interval bounds both the work redone and that log (torchtitan's "
+                       "default is 500 too)")
     keep: int = Field(2, ge=1, description="complete checkpoints kept")
     resume: Literal["auto", "never"] = "auto"
 

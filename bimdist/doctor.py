@@ -31,6 +31,7 @@ from bimdist.config import Config, ConfigError, visible_counts
 from bimdist.data.loader import CHUNK_BYTES, chunk_size, resolve_workers
 from bimdist.data.stream import DataError, DataStats, ShardStream
 from bimdist.distributed.env import host_staging, pick_backend, pick_device, usable_cores
+from bimdist.distributed.restart_plan import message_shapes, restart_plan
 from bimdist.distributed.topology import blocks_of_stage
 
 STEP_BUDGET_S = 2.5  # a stage is timed at the largest batch whose step fits this, then scaled: under a minute
@@ -160,19 +161,6 @@ def data_samples_per_s(cfg: Config, *, workers: int, seconds: float = 8.0) -> fl
         it.close()
 
 
-def message_shapes(cfg: Config, stage: int) -> list[tuple[tuple[int, ...], str]]:
-    """What stage ``stage`` sends per step: visible tokens (fp32 or the wire dtype), the masking order, the pixels."""
-    m = cfg.model
-    local = cfg.data.batch_size // cfg.pipeline.replicas
-    blocks = blocks_of_stage(m.blocks, cfg.pipeline.stages, stage)
-    drops = cfg.masking.extra_drop or [0.0] * m.blocks
-    nxt = visible_counts(m.num_patches, cfg.masking.mask_ratio, drops)[blocks[-1] + 1]
-    wire = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.pipeline.wire_dtype, "float32")
-    ids = "int16" if m.num_patches < 2**15 else "int32"
-    return [((local, 1 + nxt, m.embed_dim), wire), ((local, m.num_patches), ids),
-            ((local, m.in_chans, m.img_size, m.img_size), "uint8")]
-
-
 def diagnose(cfg: Config) -> Report:
     """The whole check; DoctorError for what the job cannot do without."""
     from bimdist.distributed.probe import link_bytes_per_s
@@ -223,6 +211,10 @@ def diagnose(cfg: Config) -> Report:
     predict(cfg, f, workers=workers)
     report.add("predicted pipeline rate", f"{f['samples_per_s']:,.0f} samples/s ({p.stages} stages x "
                                           f"{p.replicas} replicas), limited by {f['limited_by']}")
+    plan = restart_plan(cfg, supervised=True)
+    f["restart_alone"] = {"alone": plan.alone, "fits": plan.fits, "log_steps": plan.log_steps,
+                          "needed_steps": plan.needed_steps}
+    report.add("a dead stage (bimdist launcher, per-task Slurm)", plan.line)
     return report
 
 

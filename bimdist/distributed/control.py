@@ -1,14 +1,18 @@
 """A small control board on the job's TCPStore (the one torchrun or rank 0 hosts at MASTER_ADDR:MASTER_PORT).
 
-Two things travel here instead of on the activation stream: the first failure in the job (so a rank that
-only lost its neighbour can still name the stage that really died) and stop requests (so a signal seen by
-any rank reaches stage 0, which picks the step every stage checkpoints at). Every call is best effort with
-a short timeout: the board must never be the reason a rank hangs.
+Three things travel here instead of on the activation stream: the first failure in the job (so a rank that
+only lost its neighbour can still name the stage that really died), stop requests (so a signal seen by
+any rank reaches stage 0, which picks the step every stage checkpoints at), and an abort: a failure that no
+waiting can cure (a restarted stage that cannot be fed), after which every rank ends at once instead of
+waiting out ``pipeline.peer_timeout_s``. Every call is best effort with a short timeout: the board must never
+be the reason a rank hangs.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 import torch.distributed as dist
 
@@ -47,3 +51,38 @@ class ControlBoard:
             return bool(self.store.check(["stop"]))
         except Exception:  # noqa: BLE001
             return False
+
+    def abort(self, message: str) -> None:
+        """End the job: every rank's ``AbortWatch`` sees ``message`` within a second and the rank exits."""
+        try:
+            if self.store.add("aborts", 1) == 1:  # the first reason stands
+                self.store.set("abort", message)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not post the abort on the control board: %s", e)
+
+    def aborted(self) -> str | None:
+        try:
+            if not self.store.check(["abort"]):
+                return None
+            return self.store.get("abort").decode()
+        except Exception:  # noqa: BLE001
+            return None
+
+
+class AbortWatch:
+    """Polls the board for an abort and hands its message to ``on_abort`` (which ends the process), once."""
+
+    def __init__(self, board: ControlBoard, on_abort: Callable[[str], None], *, interval_s: float = 0.5):
+        self.board, self.on_abort, self.interval_s = board, on_abort, interval_s
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="bimdist-abort-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            message = self.board.aborted()
+            if message is not None:
+                self.on_abort(message)
+                return
+
+    def close(self) -> None:
+        self._stop.set()

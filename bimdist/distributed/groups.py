@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -77,8 +78,9 @@ class _Rebuildable:
             raise PeerError(f"{self.name}: not every member published its incarnation in time") from None
         return [int(self.store.get(k)) for k in keys]
 
-    def connect(self, *, timeout_s: float) -> None:
-        """Build the group, retrying until ``timeout_s`` passes (a member may be starting or restarting).
+    def connect(self, *, timeout_s: float, give_up: Callable[[], bool] | None = None) -> bool:
+        """Build the group, retrying until ``timeout_s`` passes (a member may be starting or restarting); False when
+        ``give_up()`` turned true between two tries (the member will not come: it has finished).
 
         Each try rendezvous under a fresh prefix, ``NAME/epoch/E``, so that no try reads the addresses a failed
         one left behind. The lowest member leads: it reads every member's incarnation, opens epoch E for exactly
@@ -92,6 +94,8 @@ class _Rebuildable:
         last: Exception | None = None
         tried = 0
         while time.monotonic() < deadline:
+            if give_up is not None and give_up():
+                return False
             incs = ".".join(map(str, self._current(deadline=deadline)))
             if leader:
                 epoch = self.store.add(epoch_key, 1)
@@ -120,7 +124,7 @@ class _Rebuildable:
                 set_timeout(timedelta(seconds=self.timeout_s))
             self.group = group
             self.incarnations = [int(i) for i in incs.split(".")]
-            return
+            return True
         raise PeerError(f"{self.name}: could not connect within {timeout_s:.0f} s ({_short(last)})")
 
     def wait_for_restart(self, *, timeout_s: float) -> None:

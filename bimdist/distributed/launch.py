@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from bimdist.config import Config
+from bimdist.distributed.restart_plan import restart_plan
 from bimdist.distributed.topology import Topology
 from bimdist.train.signals import EXIT_ERROR, EXIT_OK, EXIT_PEER, EXIT_PREEMPTED
 
@@ -55,17 +56,23 @@ def launch_standalone(cfg: Config, argv: list[str]) -> int:
     print(cfg.to_yaml(), flush=True)
     topo = Topology(cfg.pipeline.stages, cfg.pipeline.replicas)
     restarts = cfg.pipeline.stage_restarts if cfg.pipeline.engine == "torch" else 0
-    return spawn_local(argv, topo, grace_s=cfg.pipeline.peer_timeout_s + 30, restarts=restarts)
+    plan = restart_plan(cfg, supervised=True)
+    return spawn_local(argv, topo, grace_s=cfg.pipeline.peer_timeout_s + 30, restarts=restarts, policy=plan.line)
 
 
-def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: int = 0) -> int:
-    """Run and supervise every rank on this machine; returns the job's exit code."""
+def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: int = 0, policy: str = "") -> int:
+    """Run and supervise every rank on this machine; returns the job's exit code. ``policy``: what happens to a
+    dead stage, for the start-up line."""
     from datetime import timedelta
 
     import torch.distributed as dist  # the store: the launcher's only torch import
 
+    from bimdist.distributed.control import ControlBoard
+
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
-    supervisor = Supervisor(argv, topo, port=store.port, restarts=restarts, grace_s=grace_s)
+    job = dist.PrefixStore("bimdist/gen0/", store)  # the ranks' namespace (bimdist.distributed.groups.job_store)
+    supervisor = Supervisor(argv, topo, port=store.port, restarts=restarts, grace_s=grace_s, job_store=job,
+                            board=ControlBoard(job), policy=policy)
     previous = {s: signal.signal(s, supervisor.forward) for s in FORWARDED}
     try:
         return supervisor.run()
@@ -75,12 +82,21 @@ def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: in
         del store
 
 
+ABORT_GRACE_S = 10.0  # after an abort every rank ends by itself within a second; this is the backstop
+
+
 class Supervisor:
-    def __init__(self, argv: list[str], topo: Topology, *, port: int, restarts: int, grace_s: float):
+    def __init__(self, argv: list[str], topo: Topology, *, port: int, restarts: int, grace_s: float,
+                 job_store: Any = None, board: Any = None, policy: str = ""):
+        """``job_store``: the ranks' store namespace, where a stage says whether its next stage can still restart
+        alone (``alone/RANK``); ``board``: the control board on it, where a job-ending abort is posted."""
         self.argv, self.topo, self.port, self.restarts, self.grace_s = argv, topo, port, restarts, grace_s
+        self.job_store, self.board, self.policy = job_store, board, policy
         self.procs: list[subprocess.Popen] = []
         self.incarnations = [0] * topo.world_size
         self.deaths: list[list[int]] = [[] for _ in range(topo.world_size)]  # exit codes of dead incarnations
+        self.unrestartable_said: set[int] = set()
+        self._next_poll = 0.0
 
     def start(self, rank: int, *, died_at: float | None = None) -> subprocess.Popen:
         world = self.topo.world_size
@@ -101,14 +117,15 @@ class Supervisor:
     def run(self) -> int:
         self.stopping = False
         self.procs = [self.start(rank) for rank in range(self.topo.world_size)]
-        policy = (f"a dead stage is restarted alone up to {self.restarts} times" if self.restarts else
-                  "no per-stage restart (pipeline.stage_restarts=0, or the DeepSpeed engine): a dead stage ends "
-                  "the job")
+        policy = self.policy or (f"a dead stage is restarted alone up to {self.restarts} times" if self.restarts
+                                 else "no per-stage restart (pipeline.stage_restarts=0, or the DeepSpeed engine): a "
+                                 "dead stage ends the job")
         log.info("spawned %d local ranks (%d stages x %d replicas), pids %s; %s", self.topo.world_size,
                  self.topo.stages, self.topo.replicas, [p.pid for p in self.procs], policy)
         first_failure: tuple[int, int] | None = None
         deadline: float | None = None
         while True:
+            self._watch_restartable()
             for rank, p in enumerate(self.procs):
                 code = p.poll()
                 if code in (None, EXIT_OK, EXIT_PREEMPTED) or first_failure is not None:
@@ -116,9 +133,12 @@ class Supervisor:
                 if self._restart(rank, code):
                     continue
                 first_failure = (rank, code)
-                deadline = time.monotonic() + self.grace_s
-                log.error("%s; waiting up to %.0f s for the other ranks to stop", self.describe(rank, code),
-                          self.grace_s)
+                aborted = self._aborted()
+                grace = min(self.grace_s, ABORT_GRACE_S) if aborted else self.grace_s
+                deadline = time.monotonic() + grace
+                log.error("%s; waiting up to %.0f s for the other ranks to stop", self.describe(rank, code), grace)
+                if aborted:
+                    log.error("job ended: %s", aborted)
                 if self.deaths[rank] and len(self.deaths[rank]) > self.restarts:
                     self._end_others()
             codes = [p.poll() for p in self.procs]
@@ -140,6 +160,11 @@ class Supervisor:
         curable = code < 0 or code == EXIT_ERROR  # killed, or crashed; not bad input, missing data or a full disk
         if not curable or self.stopping or not self.restarts:
             return False  # without per-stage restart the neighbours see the failure and stop by themselves
+        unfed = self._unrestartable(rank)
+        if unfed is not None:  # its restart could not be fed: end the job now instead of waiting for it to fail
+            if self.board is not None:
+                self.board.abort(f"{self.describe(rank, code)} and cannot restart alone: {unfed}")
+            return False
         self.deaths[rank].append(code)
         if len(self.deaths[rank]) > self.restarts:
             c = self.topo.coord(rank)
@@ -154,6 +179,42 @@ class Supervisor:
                     len(self.deaths[rank]), self.restarts, self.procs[rank].pid)
         return True
 
+    def _unrestartable(self, rank: int) -> str | None:
+        """Why a restart of ``rank`` alone could not be fed (the stage before it said so), else None."""
+        if self.job_store is None:
+            return None
+        try:
+            if not self.job_store.check([f"alone/{rank}"]):
+                return None
+            value = self.job_store.get(f"alone/{rank}").decode().split(maxsplit=3)
+        except Exception:  # noqa: BLE001 - the store is this process's own; a hiccup means "no news"
+            return None
+        if value[0] == "1":
+            return None
+        c = self.topo.coord(rank)
+        hint = value[3] if len(value) > 3 else "raise pipeline.replay_disk_mb or checkpoint more often"
+        return (f"it would resume at step {value[1]} (its newest checkpoint that can feed the next stage, or the "
+                f"run's start), but stage {c.stage - 1} keeps steps from {value[2]} on in its replay log (its disk cap "
+                f"was reached); {hint}")
+
+    def _watch_restartable(self) -> None:
+        """Say once per rank, when it first happens, that a stage can no longer be restarted alone."""
+        if self.job_store is None or not self.restarts or time.monotonic() < self._next_poll:
+            return
+        self._next_poll = time.monotonic() + 1.0
+        for rank in range(self.topo.world_size):
+            if rank in self.unrestartable_said or self.topo.coord(rank).stage == 0:
+                continue
+            why = self._unrestartable(rank)
+            if why is not None:
+                self.unrestartable_said.add(rank)
+                c = self.topo.coord(rank)
+                log.warning("stage %d (replica %d, rank %d) can no longer be restarted alone until its next "
+                            "checkpoint: %s; if it dies now, the job ends (exit 3)", c.stage, c.replica, rank, why)
+
+    def _aborted(self) -> str | None:
+        return self.board.aborted() if self.board is not None else None
+
     def _end_others(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -167,6 +228,10 @@ class Supervisor:
     def outcome(self, first_failure: tuple[int, int] | None) -> int:
         codes = [p.returncode for p in self.procs]
         if first_failure is not None:
+            aborted = self._aborted()
+            if aborted:
+                log.error("job failed: %s (exit codes by rank: %s)", aborted, codes)
+                return EXIT_PEER
             rank, code = first_failure
             if self.deaths[rank] and len(self.deaths[rank]) > self.restarts:
                 log.error("job failed: stage %d died more than pipeline.stage_restarts=%d times (exit codes %s; "

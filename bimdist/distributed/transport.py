@@ -11,7 +11,13 @@ Every message sent is also kept, on the host, in a replay log until the next sta
 When a neighbour dies and its supervisor restarts it (``recoverable``), the survivor does not exit: it waits
 for the neighbour's next incarnation, rebuilds the link, and the two ends agree on the next step the receiver
 needs (the receiver says it). The sender then replays from its log; the receiver drops, by step number, what it
-already has. The sender keeps training until its send window is full, then waits.
+already has. The sender keeps training until its send window is full, then waits. A need the log no longer holds
+(pruned, or dropped past ``pipeline.replay_disk_mb``) cannot be cured by waiting: it is reported at once
+(``on_fatal``) so that the whole job ends instead of stalling.
+
+With recovery, the ends of a link also stay for each other at the end of the stream: after END the sender waits
+until its next stage says it finished (``done/RANK`` in the job's store), and the receiver answers a restarted
+previous stage until its own stage has checkpointed, so a stage killed in the last steps is fed like any other.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -48,6 +55,43 @@ DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
 
 class PeerError(RuntimeError):
     """A neighbouring stage died, hung up or stayed silent past the timeout."""
+
+
+class Unfeedable(PeerError):
+    """A restarted stage needs messages that are gone: waiting cannot cure it."""
+
+
+class _PeerRestarted(RuntimeError):
+    """A neighbour came back while this end of the link was idle at the end of the stream."""
+
+
+def peer_done(store: Any, rank: int, *, strict: bool = False) -> tuple[int, int] | None:
+    """(final step, end reason) once ``rank`` has checkpointed the end of its stream, else None. ``strict``: a store
+    that cannot be reached (its supervisor is gone) raises instead of meaning "not yet"."""
+    try:
+        if not store.check([f"done/{rank}"]):
+            return None
+        step, reason = store.get(f"done/{rank}").decode().split()
+        return int(step), int(reason)
+    except Exception:  # noqa: BLE001 - the store may be gone with the supervisor
+        if strict:
+            raise
+        return None
+
+
+def peer_left(store: Any, rank: int) -> bool:
+    """``rank``'s sender stopped waiting at the end of the stream (its process is leaving or gone)."""
+    try:
+        return bool(store.check([f"left/{rank}"]))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def peer_incarnation(store: Any, rank: int) -> int:
+    try:
+        return int(store.get(f"inc/{rank}"))
+    except Exception:  # noqa: BLE001
+        return -1
 
 
 @dataclass
@@ -130,11 +174,19 @@ class Transport:
         recoverable: bool = False,
         replay: ReplayLog | None = None,
         store: Any = None,
+        rank: int | None = None,
+        label: str = "the stage before it",
+        on_fatal: Callable[[str], None] | None = None,
+        replay_hint: str = "",
     ):
         """``host_staging``: tensors cross through host buffers (pinned on a GPU), for a backend that cannot send
         device tensors: gloo between ranks that share a GPU. ``recoverable``: a dead neighbour is waited for (its
         supervisor restarts it). ``replay``: the log of sent messages (None: kept only until sent). ``store``: the
-        job's store, where the next stage publishes the restart point that prunes the log."""
+        job's store, where the next stage publishes the restart point that prunes the log, and this one whether
+        that stage can still restart alone (``alone/RANK``). ``rank``: this rank, for the end-of-stream keys;
+        ``label``: this stage, for messages.
+        ``on_fatal``: told, once, of a failure no waiting can cure. ``replay_hint``: the settings that would have
+        kept what a restart needed, for that message."""
         self.device = device
         self.staging = host_staging
         self.wire = torch.device("cpu") if host_staging else device  # where the bytes are when they are sent
@@ -142,7 +194,8 @@ class Transport:
         self.prev, self.next = prev, next
         self.peer_timeout = peer_timeout_s
         self.startup_timeout = startup_timeout_s
-        self.recoverable, self.store = recoverable, store
+        self.recoverable, self.store, self.rank, self.label = recoverable, store, rank, label
+        self.on_fatal, self.replay_hint = on_fatal, replay_hint
         self.log = replay or ReplayLog(memory_bytes=1 << 62, spill_path=Path(os.devnull), keep=False)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -163,6 +216,12 @@ class Transport:
         self._need_known = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sender: threading.Thread | None = None
+        self._closed = threading.Event()
+        self._progress = time.monotonic()  # the sender's last send, reconnect or start of its wait at the end
+        self._next_done = False  # the next stage finished before this end connected: nothing to send it
+        self._restart_point: int | None = None  # the next stage's, as last read from the store
+        self.next_restartable: bool | None = None  # whether the log still holds what a restart of it needs
+        self._alone_refresh = 0.0
 
     # ---- starting --------------------------------------------------------------------------------------------
     def start_sending(self) -> None:
@@ -245,9 +304,14 @@ class Transport:
 
     def close(self) -> None:
         """Deliver every queued send (bounded by the peer timeout), then stop the sender thread."""
+        self._closed.set()
         if self._sender is not None:
             self._put(None, what="did not drain the last messages")
-            self._sender.join(timeout=self.peer_timeout * (2 if self.recoverable else 1) + 5.0)
+            # the sender may still replay to a restarted next stage, or wait for it to finish: bounded by the time
+            # since it last made progress, not by a total
+            bound = self.peer_timeout * (2 if self.recoverable else 1) + 5.0
+            while self._sender.is_alive() and time.monotonic() - self._progress < bound:
+                self._sender.join(timeout=1.0)
             if self._sender.is_alive():
                 raise PeerError(f"{self.next.peer_label} did not receive the last messages within "
                                 f"{self.peer_timeout:.0f} s")
@@ -277,19 +341,25 @@ class Transport:
     def _send_loop(self) -> None:
         link = self.next
         try:
-            link.connect(timeout_s=self.startup_timeout)
-            self._need = self._handshake_recv(link)
+            next_step = self._open_next(link)
         except Exception as e:  # noqa: BLE001
             self._send_error = e if isinstance(e, PeerError) else PeerError(
                 f"connecting to {link.peer_label} failed: {_short(e)}")
             self._need_known.set()
             return
+        self._need = next_step
         self._need_known.set()
-        next_step, closing = self._need, False
+        closing = False
         while True:
             try:
-                next_step, done = self._drain(link, next_step)
-                if done or closing:
+                if self._next_done:
+                    self._discard_until_closed()
+                    return
+                next_step, ended = self._drain(link, next_step)
+                if ended and self.recoverable:
+                    self._linger(link)
+                if ended or closing:
+                    self._leave()
                     return
                 item = self._outbox.get()
                 if item is None:  # close(): every queued message is in the log; send what is left, then stop
@@ -301,11 +371,19 @@ class Transport:
                 header, payload = pack(msg, self.wire, pin=self.pin)
                 host = payload if payload.device.type == "cpu" else payload.cpu()
                 self.log.append(msg.step, header.cpu(), host)
+                self._publish_restartable()  # the disk cap may have dropped what a restart needs
                 with self._lock:
                     self._in_flight -= 1
+            except Unfeedable as e:
+                self._send_error = e
+                log.error("%s", e)
+                if self.on_fatal is not None:
+                    self.on_fatal(str(e))
+                return
             except Exception as e:  # noqa: BLE001 - any failure here means the peer link is gone
                 try:
                     self._recover(link, e, "sending to")
+                    self._progress = time.monotonic()
                     before = next_step
                     next_step = self._handshake_recv(link)
                     self.replayed += max(0, before - next_step)
@@ -314,12 +392,66 @@ class Transport:
                     log.error("%s", self._send_error)
                     return
 
+    def _open_next(self, link: Any) -> int:
+        """Connect to the next stage and learn the first step it needs; a next stage that already finished (this
+        stage was restarted at the very end) needs nothing."""
+        store = link.store
+        if self.recoverable and self.rank is not None:
+            if link.connect(timeout_s=self.startup_timeout, give_up=lambda: peer_done(store, link.peer) is not None):
+                return self._handshake_recv(link)
+            done = peer_done(store, link.peer)
+            assert done is not None
+            self._next_done = True
+            log.info("%s already finished at step %d: nothing to send it", link.peer_label, done[0])
+            return done[0] + 1
+        link.connect(timeout_s=self.startup_timeout)
+        return self._handshake_recv(link)
+
+    def _discard_until_closed(self) -> None:
+        """The next stage has everything: take what the compute thread sends without sending it, until close()."""
+        while self._outbox.get() is not None:
+            with self._lock:
+                self._in_flight -= 1
+        self.delivered = max(self.delivered, self._need or 0)
+
+    def _linger(self, link: Any) -> None:
+        """After END: stay until the next stage says it finished, so that if it dies in its last steps its restart
+        is fed from the log (``_PeerRestarted`` sends this thread back to the replay). Bounded: twice the peer
+        timeout after the last message went out."""
+        store, deadline = link.store, time.monotonic() + 2 * self.peer_timeout
+        self._progress = time.monotonic()
+        known = link.incarnations[link.peer_index]
+        while time.monotonic() < deadline:
+            try:
+                if peer_done(store, link.peer, strict=True) is not None:
+                    return
+            except Exception:  # noqa: BLE001 - no store, no supervisor: nothing will come back to be fed
+                return
+            if peer_incarnation(store, link.peer) > known:
+                raise _PeerRestarted(f"{link.peer_label} was restarted after the end of the stream")
+            time.sleep(0.2)
+        log.warning("%s did not say it finished within %.0f s of the end of the stream; not waiting longer",
+                    link.peer_label, 2 * self.peer_timeout)
+
+    def _leave(self) -> None:
+        """Say this sender stopped waiting: a restart of the next stage can no longer be fed from here."""
+        if self.recoverable and self.rank is not None:
+            try:
+                self.next.store.set(f"left/{self.rank}", "1")
+            except Exception:  # noqa: BLE001
+                pass
+
     def _drain(self, link: Any, next_step: int) -> tuple[int, bool]:
         """Send every logged message from ``next_step`` on; (the next step to send, whether END went out)."""
         oldest = self.log.oldest()
         if oldest is not None and oldest > next_step:
             if self.log.keep:
-                raise PeerError(f"{link.peer_label} needs step {next_step} but the replay log starts at {oldest}")
+                capped = self.log.capped_below is not None and self.log.capped_below > next_step
+                raise Unfeedable(
+                    f"{link.peer_label} cannot restart alone: it needs step {next_step}, but {self.label} keeps "
+                    f"steps from {oldest} on in its replay log"
+                    + (" (its disk cap was reached)" if capped else "") + (f"; {self.replay_hint}"
+                                                                           if self.replay_hint else ""))
             log.warning("pipeline.replay is off: %s missed steps %d..%d, which are gone; it resumes at step %d",
                         link.peer_label, next_step, oldest - 1, oldest)
             next_step = oldest
@@ -337,6 +469,7 @@ class Transport:
             for w in works:
                 w.wait(timeout)
             self.bytes_sent += header.numel() * 8 + payload.numel()
+            self._progress = time.monotonic()
             self.sent_messages += 1
             self.delivered = next_step
             self.log.sent(next_step)
@@ -353,17 +486,48 @@ class Transport:
         key, store = f"rp/{self.next.peer}", self.next.store  # the link's own store connection: this thread's
         try:
             if store.check([key]):
-                self.log.prune(int(store.get(key)))
+                self._restart_point = int(store.get(key))
+                self.log.prune(self._restart_point)
         except Exception:  # noqa: BLE001 - a store hiccup only delays pruning
+            pass
+        self._publish_restartable()
+
+    def _publish_restartable(self) -> None:
+        """``alone/NEXT_RANK`` in the job's store: "1" while the log holds every step from the next stage's restart
+        point on, else "0 RESTART_POINT OLDEST_KEPT HINT" (refreshed every second while so); its supervisor then
+        ends the job instead of restarting it."""
+        if self.store is None or not self.log.keep:
+            return
+        point = self._restart_point if self._restart_point is not None else 0
+        ok = self.log.restartable(point)
+        now = time.monotonic()
+        if ok == self.next_restartable and (ok or now < self._alone_refresh):
+            return
+        if ok != self.next_restartable:
+            if not ok:
+                log.warning("%s can no longer restart alone: its restart point is step %d but the replay log keeps "
+                            "steps from %s on (its disk cap was reached); until its next checkpoint a dead %s ends "
+                            "the job (%s)", self.next.peer_label, point, self.log.oldest(), self.next.peer_label,
+                            self.replay_hint)
+            elif self.next_restartable is False:
+                log.info("%s can restart alone again (restart point step %d)", self.next.peer_label, point)
+        self.next_restartable, self._alone_refresh = ok, now + 1.0
+        value = "1" if ok else f"0 {point} {self.log.oldest()} {self.replay_hint}"
+        try:
+            self.next.store.set(f"alone/{self.next.peer}", value)
+        except Exception:  # noqa: BLE001
             pass
 
     def _recv_loop(self, first_step: int) -> None:
         link = self.prev
         expected, first = first_step, True
         try:
-            link.connect(timeout_s=self.startup_timeout)
-            self._handshake_send(link, expected)
+            if not self._open_prev(link, expected):
+                return
         except Exception as e:  # noqa: BLE001
+            if isinstance(e, Unfeedable) and self.on_fatal is not None:
+                log.error("%s", e)
+                self.on_fatal(str(e))
             self._inbox.put(e if isinstance(e, PeerError) else PeerError(f"connecting to {link.peer_label} "
                                                                          f"failed: {_short(e)}"))
             return
@@ -398,7 +562,46 @@ class Transport:
                 tensors = [t.to(self.device, non_blocking=self.pin, copy=True) for t in tensors]
             self._inbox.put(Message(kind=kind, step=step, reason=reason, tensors=tensors))
             if kind == END:
+                if self.recoverable:
+                    self._linger_recv(link, expected)
                 return
+
+    def _open_prev(self, link: Any, first_step: int) -> bool:
+        """Connect to the previous stage and ask for ``first_step`` on. A previous stage that has already left (this
+        stage was restarted at the very end) can still end the stream here when this stage's checkpoint is at its
+        end; otherwise the steps this stage needs are gone (``Unfeedable``). False when nothing is to be received."""
+        store = link.store
+        if not (self.recoverable and self.rank is not None):
+            link.connect(timeout_s=self.startup_timeout)
+            self._handshake_send(link, first_step)
+            return True
+        if link.connect(timeout_s=self.startup_timeout, give_up=lambda: peer_left(store, link.peer)):
+            self._handshake_send(link, first_step)
+            return True
+        done = peer_done(store, link.peer)
+        if done is not None and done[0] == first_step:
+            log.info("%s already finished at step %d, where this stage resumes: the stream ends here",
+                     link.peer_label, first_step)
+            self._inbox.put(Message(kind=END, step=first_step, reason=done[1]))
+            return False
+        raise Unfeedable(f"this stage restarted at step {first_step} but {link.peer_label} has already left "
+                         f"(finished at step {done[0] if done else '?'}): the steps in between cannot be recomputed")
+
+    def _linger_recv(self, link: Any, expected: int) -> None:
+        """After END, until this stage closes: answer a restarted previous stage's handshake (it needs nothing more
+        from here than to learn that this stage has the whole stream)."""
+        store = link.store
+        known = link.incarnations[link.peer_index]
+        while not self._closed.wait(0.2):
+            if peer_incarnation(store, link.peer) > known:
+                try:
+                    link.wait_for_restart(timeout_s=self.peer_timeout)
+                    self._handshake_send(link, expected)
+                except Exception as e:  # noqa: BLE001 - this stage has its stream; the other end decides its fate
+                    log.warning("a restart of %s after the end of the stream could not connect: %s",
+                                link.peer_label, _short(e))
+                    return
+                known = link.incarnations[link.peer_index]
 
     def _handshake_send(self, link: Any, need: int) -> None:
         t = torch.tensor([need], dtype=torch.int64, device=self.wire)

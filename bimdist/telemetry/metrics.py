@@ -84,6 +84,10 @@ class Metrics:
         self.replayed = counter("bimdist_replayed_steps", "Messages sent again to a restarted next stage")
         self.replay_bytes = gauge("bimdist_replay_log_bytes", "Messages kept for a restart of the next stage, "
                                   "memory and disk")
+        self.next_restartable = gauge("bimdist_next_stage_restartable", "1 while this stage's replay log holds what "
+                                      "a restart of the next stage alone needs, 0 once its disk cap dropped some "
+                                      "(a dead next stage then ends the job); 1 on the last stage")
+        self.next_restartable.set(1)
         self.peak_memory = gauge("bimdist_peak_memory_bytes", "Peak memory: CUDA allocated, or process RSS on CPU")
         self.step_flop = gauge("bimdist_step_flop_count", "Floating-point operations of one step of this stage")
         self.flop_rate = gauge("bimdist_flop_per_second", "Achieved FLOP/s while computing (excludes waits)")
@@ -131,6 +135,8 @@ class Metrics:
         self.corrupt.inc(max(0, rec.corrupt - self._corrupt))
         self.replayed.inc(max(0, rec.replayed - self._replayed))
         self.replay_bytes.set(rec.replay_log_bytes)
+        if rec.next_restartable is not None:
+            self.next_restartable.set(int(rec.next_restartable))
         self._sent, self._received, self._corrupt = rec.bytes_sent, rec.bytes_received, rec.corrupt
         self._replayed = rec.replayed
         self.in_flight.set(rec.in_flight)

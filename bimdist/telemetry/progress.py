@@ -47,6 +47,7 @@ class StepRecord:
     corrupt: int = 0  # cumulative skipped training samples (stage 0)
     replayed: int = 0  # cumulative messages sent again to a restarted next stage
     replay_log_bytes: int = 0  # what this stage keeps for a restart of the next one (memory and disk)
+    next_restartable: bool | None = None  # whether that log still holds what a restart of the next stage needs
     grad_norm: float | None = None  # largest gradient norm over the stage's units, on log steps (or with clipping)
     flop: float = 0.0  # floating-point operations of one step of this stage (counted once, on the first step)
     peak_flop_per_s: float | None = None  # the device's peak, when known (for MFU)

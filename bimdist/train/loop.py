@@ -28,7 +28,7 @@ from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataError, DataStats, Position
 from bimdist.distributed.control import ControlBoard
 from bimdist.distributed.env import host_staging
-from bimdist.distributed.groups import StageComm, agree_min
+from bimdist.distributed.groups import StageComm, agree_min, peer_name
 from bimdist.distributed.replay import ReplayLog
 from bimdist.distributed.topology import blocks_of_stage
 from bimdist.distributed.transport import DATA, END, Message, PeerError, Transport
@@ -53,6 +53,12 @@ from bimdist.train.worker import StageWorker, StepResult
 log = logging.getLogger("bimdist.train")
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def restart_point(own_steps: list[int], need: int | None) -> int:
+    """Where a stage restarted alone resumes: its newest own checkpoint at or before ``need`` (the next stage's
+    next step; None for the last stage), else the run's start. ``own_steps``: newest first."""
+    return next((s for s in own_steps if need is None or s <= need), 0)
 
 
 @dataclass
@@ -165,12 +171,16 @@ class StageLoop:
         if comm and (comm.prev or comm.next):
             tag = f"stage{self.stage}_r{self.replica}"
             replay = ReplayLog(memory_bytes=p.replay_memory_mb << 20, keep=p.replay,
+                               disk_bytes=p.replay_disk_mb << 20,
                                spill_path=run_dir / "replay" / f"{tag}.i{comm.incarnation}.log")
+            hint = (f"raise pipeline.replay_disk_mb (now {p.replay_disk_mb}) or checkpoint more often (checkpoint.every"
+                    f"={cfg.checkpoint.every}); a whole-job restart resumes from the newest common checkpoint")
             self.transport = Transport(device=device, prev=comm.prev, next=comm.next, max_in_flight=p.max_in_flight,
                                        prefetch=p.prefetch, peer_timeout_s=p.peer_timeout_s,
                                        startup_timeout_s=p.startup_timeout_s,
                                        host_staging=host_staging(p.host_staging, device, comm.backend),
-                                       recoverable=comm.recoverable, replay=replay, store=comm.store)
+                                       recoverable=comm.recoverable, replay=replay, store=comm.store, rank=comm.rank,
+                                       label=peer_name(comm.topo, comm.rank), on_fatal=self._abort, replay_hint=hint)
         self.recovery: ReplicaRecovery | None = None
         if comm is not None and comm.replicas is not None and comm.recoverable:
             self.recovery = ReplicaRecovery(comm, self.worker, timeout_s=p.peer_timeout_s, client=comm.client())
@@ -225,7 +235,7 @@ class StageLoop:
         if t is not None:
             t.start_receiving(start)
         self._own_steps = self.store.own_steps(self.blocks, self.replica, first=self.first) if self.comm else []
-        self._publish_restart_point(start)
+        self._publish_restart_point()
         return start, position
 
     def _resume(self) -> tuple[int, Position]:
@@ -253,7 +263,7 @@ class StageLoop:
         (at or before the step it needs), else the start of training."""
         usable = [s for s in self.store.own_steps(self.blocks, self.replica, first=self.first)
                   if need is None or s <= need]
-        if not usable:
+        if not usable:  # restart_point() said so, and the previous stage kept its messages from there
             log.warning("stage %d restarted with no checkpoint of its own at or before step %s: from step 0",
                         self.stage, need)
             return 0, Position()
@@ -271,20 +281,33 @@ class StageLoop:
         self.saved_step = step
         return self.store.load_position(step, self.replica) if self.first else Position()
 
-    def _publish_restart_point(self, fallback: int) -> None:
-        """Where this stage would resume if it were restarted alone: its newest own checkpoint at or before the
-        next stage's next step. The previous stage keeps every message from there on (its replay log)."""
+    def _publish_restart_point(self) -> None:
+        """Where this stage would resume if it were restarted alone (``_restart``): its newest own checkpoint at or
+        before the next stage's next step, else the run's start. The previous stage keeps every message from there
+        on (its replay log)."""
         if self.comm is None or not self.comm.distributed:
             return
         need = self.transport.delivered + 1 if self.transport is not None and self.comm.next else None
-        usable = [s for s in self._own_steps if need is None or s <= need]
-        point = usable[0] if usable else min([fallback, *self._own_steps])
+        point = restart_point(self._own_steps, need)
         if point != self._restart_point:
             self._restart_point = point
             try:
                 self.comm.store.set(f"rp/{self.comm.rank}", str(point))
             except Exception as e:  # noqa: BLE001 - the store may be gone with the supervisor
                 log.debug("could not publish the restart point: %s", e)
+
+    def _abort(self, message: str) -> None:
+        """A failure no waiting can cure (a restart that cannot be fed): every rank ends now (``AbortWatch``)."""
+        if self.board is not None:
+            self.board.abort(message)
+
+    def _say_done(self, step: int, reason: int) -> None:
+        """This stage has checkpointed the end of its stream: the stage before it may stop waiting for it."""
+        if self.comm is not None and self.comm.distributed:
+            try:
+                self.comm.store.set(f"done/{self.comm.rank}", f"{step} {reason}")
+            except Exception as e:  # noqa: BLE001 - the store may be gone with the supervisor
+                log.debug("could not say this stage is done: %s", e)
 
     def _log_recovery(self, start: int) -> None:
         """One line per recovery: which stage, from which step, and how long after the death its first step ran."""
@@ -319,7 +342,7 @@ class StageLoop:
         self.saved_step = step
         if self.comm is not None:
             self._own_steps = self.store.own_steps(self.blocks, self.replica, first=self.first)
-            self._publish_restart_point(step)
+            self._publish_restart_point()
         log.info("checkpoint stage=%d replica=%d step=%d dir=%s", self.stage, self.replica, step,
                  self.store.step_dir(step))
 
@@ -463,6 +486,7 @@ class StageLoop:
                     in_flight=self.transport.in_flight if self.transport else 0,
                     replayed=self.transport.replayed if self.transport else 0,
                     replay_log_bytes=self.transport.log.bytes if self.transport else 0,
+                    next_restartable=self.transport.next_restartable if self.transport else None,
                     flop=self.step_flop or 0.0, peak_flop_per_s=self.peak_flop_per_s,
                 )
                 last_end = now
@@ -479,7 +503,7 @@ class StageLoop:
                     self._stop_posted = True
                 if every and step % every == 0:
                     self.checkpoint(step, position if self.first else None)
-                self._publish_restart_point(step)
+                self._publish_restart_point()
                 if not self.first and self.stop.requested and self.stop.since is not None:
                     if time.monotonic() - self.stop.since > self.cfg.pipeline.peer_timeout_s:
                         log.error("got %s but stage 0 never ended the stream; checkpointing here at step %d",
@@ -487,11 +511,14 @@ class StageLoop:
                         reason = END_PREEMPT
                         break
             losses = self._flush(progress) or losses
+            if step == start and self.comm is not None and self.comm.incarnation > 0:
+                self._log_recovery(start)  # restarted after the stream had ended: nothing left to train
             # Drain: pass the END on first (an engine's checkpoint may be a job-wide barrier that the next
             # stage can only join once it has the END), then checkpoint at the step where the stream ended.
             if self.transport is not None and not self.last:
                 self.transport.send(Message(END, step, reason=reason))
             self.checkpoint(step, position if self.first else None)
+            self._say_done(step, reason)
             if self.transport is not None:
                 self.transport.close()
         finally:

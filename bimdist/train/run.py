@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from bimdist.config import Config, ConfigError
 from bimdist.data.loader import resolve_workers
 from bimdist.data.stream import DataError
-from bimdist.distributed.control import ControlBoard
+from bimdist.distributed.control import AbortWatch, ControlBoard
 from bimdist.distributed.env import (
     LaunchError,
     RankEnv,
@@ -27,6 +28,7 @@ from bimdist.distributed.env import (
 )
 from bimdist.distributed.groups import init_comm
 from bimdist.distributed.launch import launch_standalone, watch_parent
+from bimdist.distributed.restart_plan import restart_plan
 from bimdist.distributed.topology import Topology, TopologyError, check_world
 from bimdist.distributed.transport import PeerError
 from bimdist.runs import store_for
@@ -108,7 +110,10 @@ def train(cfg: Config, argv: list[str], *, fresh: bool = False, local_rank_arg: 
         if job.board is not None:
             job.board.report_failure(f"rank {env.rank}", str(e))
             first = job.board.first_failure()
-            if first and not first.startswith(f"rank {env.rank}:"):
+            aborted = job.board.aborted()
+            if aborted:
+                msg += f" | job ended: {aborted}"
+            elif first and not first.startswith(f"rank {env.rank}:"):
                 msg += f" | first failure in the job: {first}"
         return job.fail(EXIT_PEER, msg)
     except DataError as e:
@@ -132,6 +137,8 @@ class RankJob:
         self.metrics: Metrics | None = None
         self.file_sd: FileSDTarget | None = None
         self.loop: StageLoop | None = None
+        self.abort_watch: AbortWatch | None = None
+        self._failing = threading.Lock()
 
     def run(self, *, fresh: bool, observers: list[Observer]) -> int:
         cfg, env, topo = self.cfg, self.env, self.topo
@@ -183,11 +190,16 @@ class RankJob:
             # the per-task Slurm script); torchrun restarts the whole worker group, DeepSpeed needs its world
             recoverable = (p.stage_restarts > 0 and p.engine == "torch"
                            and os.environ.get("BIMDIST_SUPERVISED") == "1")
+            if env.rank == 0 and env.launcher != "bimdist":  # the spawner says it in its own start-up line
+                log.info("a dead stage: %s", restart_plan(cfg, supervised=recoverable, launcher=env.launcher).line)
             comm = init_comm(env, topo, backend=backend, device=device,
                              startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s,
                              generation=restart_count(), engine_groups=p.engine == "deepspeed",
                              recoverable=recoverable)
             self.board = ControlBoard(comm.store)
+            # a connection of its own: the watch polls while the main thread may be using the store
+            self.abort_watch = AbortWatch(ControlBoard(comm.client()),
+                                          lambda message: self.fail(EXIT_PEER, f"job ended: {message}"))
         stop = StopFlag()
         stop.install(cfg.run.preempt_signals)
         watch = watch_parent(stop) if self.distributed else None
@@ -207,12 +219,20 @@ class RankJob:
         return result.exit_code
 
     def _cleanup(self) -> None:
+        if self.abort_watch is not None:
+            self.abort_watch.close()
         if self.file_sd is not None:
             self.file_sd.remove()
         if self.metrics is not None:
             self.metrics.close()
 
     def fail(self, code: int, msg: str) -> int:
+        """Say why, clean up and (distributed) leave at once; called from the main thread or the abort watch, and
+        only the first caller speaks."""
+        if not self._failing.acquire(blocking=False):
+            if self.distributed:
+                time.sleep(60)  # the first caller is on its way out (os._exit)
+            return code
         log.error("%s", msg)
         if self.metrics is not None:
             steps = self.loop.saved_step if self.loop is not None else 0

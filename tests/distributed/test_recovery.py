@@ -18,12 +18,21 @@ STEPS = 240
 COMMON = [str(TINY), f"--run.steps={STEPS}", "--pipeline.stages=4", "--pipeline.threads=1", "--checkpoint.every=40",
           "--run.log_every=40", "--pipeline.peer_timeout_s=60", "--pipeline.replay_memory_mb=1"]
 
+# The shipped defaults: tiny.yaml's model and batch, but every pipeline, checkpoint and replay setting as bimdist ships
+# it (tiny.yaml shortens the timeouts: they are set back here). A batch of 64 paces the run at about 50 steps/s here,
+# so that a kill lands where the test means it to (before or after the step-500 checkpoint, checkpoint.every's
+# default).
+DEFAULT_STEPS = 1200
+DEFAULTS = [str(TINY), f"--run.steps={DEFAULT_STEPS}", "--pipeline.stages=4", "--data.batch_size=64",
+            "--run.log_every=20", "--pipeline.peer_timeout_s=120", "--pipeline.startup_timeout_s=600"]
+
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("ref") / "run"
-    proc = cli("train", *COMMON, f"--run.dir={run_dir}", timeout=400)
+def default_reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("ref-defaults") / "run"
+    proc = cli("train", *DEFAULTS, f"--run.dir={run_dir}", timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoint stage=3 replica=0 step=500 " in proc.stderr  # the default cadence checkpoints mid-run
     return run_dir
 
 
@@ -35,34 +44,91 @@ def finish(job: subprocess.Popen, timeout: float) -> int:
             job.kill()
 
 
-# The edge stages: stage 0 (the data, no upstream) and the last (no downstream). A middle stage's kill, and kills of
-# stages 2, 0 and 3 in one run, are checked bit for bit by benchmarks/recovery.py (tests/integration/test_benchmarks).
-@pytest.mark.parametrize("stage", [0, 3])
-def test_kill_9_of_a_stage_restarts_it_alone_and_the_weights_match(reference, tmp_path, stage):
+def recoveries(text: str) -> list[tuple[int, int, float]]:
+    """(stage, resumed at step, seconds from the death to its first step) of every recovery line."""
+    return [(int(s), int(r), float(t)) for s, r, t in re.findall(
+        r"recovery stage=(\d+) replica=0 incarnation=\d+ resumed_at_step=(\d+) first_step_s_after_death=([\d.]+)",
+        text)]
+
+
+def test_with_the_defaults_any_stage_killed_before_or_after_the_first_checkpoint_restarts_alone_and_stays_exact(
+        default_reference, tmp_path):
+    """kill -9 of a middle stage, the first and the last, each before the first checkpoint (the stage restarts from
+    the run's start and its upstream replays every step since) and after it, then the last stage once more as the
+    stream ends. Every restart trains again within 30 s, and the run ends with the uninterrupted run's weights."""
     log = tmp_path / "job.log"
-    job = start_cli("train", *COMMON, f"--run.dir={tmp_path / 'run'}", log_path=log)
+    job = start_cli("train", *DEFAULTS, f"--run.dir={tmp_path / 'run'}", log_path=log)
+    seen: set[int] = set()
+    kills = [(2, "progress stage=2 replica=0 step=40/"), (0, "progress stage=3 replica=0 step=80/"),
+             (3, "progress stage=3 replica=0 step=120/"),
+             (2, "checkpoint stage=3 replica=0 step=500 "), (0, "progress stage=3 replica=0 step=700/"),
+             (3, "progress stage=3 replica=0 step=800/")]
     try:
-        saved = f"checkpoint stage={stage} replica=0 step=80 "
-        assert wait_for(lambda: saved in log.read_text(), 240), log.read_text()[-3000:]
-        before = ranks_of(job.pid)
-        assert sorted(before) == [0, 1, 2, 3]
-        os.kill(before[stage], signal.SIGKILL)
-        assert wait_for(lambda: f"recovery stage={stage} " in log.read_text(), 120), log.read_text()[-3000:]
-        after = ranks_of(job.pid)
-        assert after[stage] != before[stage]
-        assert {r: p for r, p in after.items() if r != stage} == {r: p for r, p in before.items() if r != stage}
+        for stage, mark in kills:
+            assert wait_for(lambda m=mark: m in log.read_text(), 240), log.read_text()[-3000:]
+            before = ranks_of(job.pid)
+            seen.update(before.values())
+            done = len(recoveries(log.read_text()))
+            os.kill(before[stage], signal.SIGKILL)
+            assert wait_for(lambda d=done: len(recoveries(log.read_text())) > d, 60), log.read_text()[-3000:]
+        # the end of the stream: stage 0 has run its last step while the last stage is a few steps behind
+        assert wait_for(lambda: f"progress stage=0 replica=0 step={DEFAULT_STEPS}/" in log.read_text(), 240)
+        end = ranks_of(job.pid)
+        seen.update(end.values())
+        if 3 in end:
+            os.kill(end[3], signal.SIGKILL)
         code = finish(job, 300)
     finally:
         if job.poll() is None:
             job.kill()
     text = log.read_text()
     assert code == 0, text[-3000:]
-    assert f"rank {stage} (stage {stage}, replica 0) was killed by SIGKILL; restarting it alone (restart 1 of 3" in text
-    line = re.search(rf"recovery stage={stage} replica=0 incarnation=1 resumed_at_step=(\d+) "
-                     r"first_step_s_after_death=([\d.]+)", text)
-    assert line and int(line.group(1)) >= 80 and float(line.group(2)) < 60
-    assert same_weights(reference, tmp_path / "run", STEPS), "weights differ from the uninterrupted run"
-    assert not list((tmp_path / "run" / "replay").glob("*.log"))  # every replay log closed and removed
+    assert "a dead stage restarts alone (up to 3 times) from its newest checkpoint (every 500 steps)" in text
+    lines = recoveries(text)
+    assert [s for s, _, _ in lines[:6]] == [2, 0, 3, 2, 0, 3], lines
+    assert [r for _, r, _ in lines[:3]] == [0, 0, 0], lines  # before the first checkpoint: from the run's start
+    assert [r for _, r, _ in lines[3:6]] == [500, 500, 500], lines
+    assert all(t < 30 for _, _, t in lines), lines
+    assert "the replay log starts at" not in text and "cannot restart alone" not in text
+    assert same_weights(default_reference, tmp_path / "run", DEFAULT_STEPS), "weights differ from the uninterrupted run"
+    assert not list((tmp_path / "run" / "replay").glob("*.log"))  # every replay segment closed and removed
+    assert not [p for p in seen if alive(p)], "a rank outlived the job"
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_past_the_replay_disk_cap_a_killed_stage_ends_the_job_at_once_naming_it(default_reference, tmp_path, stage):
+    """The replay log over its disk cap (1 MB here, about 11 steps of these messages) before the first checkpoint:
+    stages 2 and 3 can no longer be fed, so their death ends every rank within 15 s with one line that names the
+    stage, the step it needed, the oldest step kept and the setting; stage 0 reads its own data, so it restarts
+    alone and the run stays exact."""
+    log = tmp_path / "job.log"
+    job = start_cli("train", *DEFAULTS, "--pipeline.replay_memory_mb=1", "--pipeline.replay_disk_mb=1",
+                    f"--run.dir={tmp_path / 'run'}", log_path=log)
+    try:
+        assert wait_for(lambda: "progress stage=3 replica=0 step=100/" in log.read_text(), 240), log.read_text()
+        ranks = ranks_of(job.pid)
+        os.kill(ranks[stage], signal.SIGKILL)
+        killed_at = time.monotonic()
+        code = finish(job, 300 if stage == 0 else 60)
+        ended_in = time.monotonic() - killed_at
+    finally:
+        if job.poll() is None:
+            job.kill()
+    text = log.read_text()
+    if stage == 0:
+        assert code == 0 and re.search(r"recovery stage=0 replica=0 incarnation=1 resumed_at_step=0 ", text), text
+        assert same_weights(default_reference, tmp_path / "run", DEFAULT_STEPS)
+    else:
+        assert code == 3, text[-3000:]
+        assert ended_in < 15, f"the job took {ended_in:.1f} s to end"
+        line = re.search(rf"job failed: rank {stage} \(stage {stage}, replica 0\) was killed by SIGKILL and cannot "
+                         rf"restart alone: it would resume at step 0 .* but stage {stage - 1} keeps steps from "
+                         r"(\d+) on in its replay log .*raise pipeline.replay_disk_mb \(now 1\) or checkpoint more "
+                         r"often \(checkpoint.every=500\)", text)
+        assert line and int(line.group(1)) > 0, text[-3000:]
+        assert f"stage {stage} (replica 0, rank {stage}) can no longer be restarted alone" in text  # said before
+        assert text.count("] bimdist: job ended: ") == 3  # every other rank says why it ends
+    assert not [p for p in ranks.values() if alive(p)], "a rank outlived the job"
 
 
 def test_a_stage_that_keeps_dying_ends_the_job_naming_it(tmp_path):

@@ -126,6 +126,9 @@ def test_recovery_quick(tmp_path):
     assert [e["stage"] for e in r["three_kills"]["events"]] == [2, 0, 3]
     assert all(e["others_kept"] for e in r["three_kills"]["events"] + r["one_kill"]["events"])
     assert r["one_kill"]["only_the_killed_restarted"] and r["three_kills"]["only_the_killed_restarted"]
+    d = r["defaults_kill"]
+    assert d["exit_code"] == 0 and r["exact_defaults"] and d["only_the_killed_restarted"]
+    assert d["events"][0]["resumed_at"] == 0  # no checkpoint yet at the shipped cadence: from the run's start
 
 
 def test_model_quick(tmp_path):

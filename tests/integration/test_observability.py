@@ -28,7 +28,7 @@ METRICS = ["bimdist_steps_total", "bimdist_samples_total", "bimdist_loss", "bimd
            "bimdist_learning_rate", "bimdist_last_step_timestamp_seconds", "bimdist_nonfinite_losses_total",
            "bimdist_corrupt_samples_total", "bimdist_peak_memory_bytes", "bimdist_build_info", "bimdist_step",
            "bimdist_data_wait_seconds_total", "bimdist_stage_restarts_total", "bimdist_replayed_steps_total",
-           "bimdist_replay_log_bytes", "bimdist_grad_norm"]
+           "bimdist_replay_log_bytes", "bimdist_grad_norm", "bimdist_next_stage_restartable"]
 
 
 def need(binary: str) -> str:
@@ -158,7 +158,8 @@ def test_every_dashboard_panel_returns_data(stack):
 def test_every_alert_rule_evaluates(stack):
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
     assert {r["alert"] for r in rules} == {"BimdistRunStalled", "BimdistNonFiniteLoss", "BimdistTargetDown",
-                                           "BimdistStageIdle", "BimdistDataBound", "BimdistStageRestarted"}
+                                           "BimdistStageIdle", "BimdistDataBound", "BimdistStageRestarted",
+                                           "BimdistStageCannotRestartAlone"}
     for rule in rules:
         assert query(stack["prom"], rule["expr"])["status"] == "success", rule["alert"]
     with urllib.request.urlopen(stack["prom"] + "/api/v1/rules", timeout=10) as r:

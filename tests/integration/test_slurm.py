@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bimdist.telemetry.losslog import read_losses
-from tests.conftest import ROOT, TINY, cli, load_block, wait_for
+from tests.conftest import ROOT, TINY, alive, cli, load_block, wait_for
 from tests.integration.slurm_cluster import SlurmCluster
 
 STEPS = 800
@@ -81,23 +81,59 @@ def test_one_task_per_rank_script_runs_end_to_end(cluster, reference, tmp_path):
         assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+# The shipped pipeline and checkpoint settings (tiny.yaml shortens the timeouts: set back here).
+DEFAULTS = ["--pipeline.peer_timeout_s=120", "--pipeline.startup_timeout_s=600"]
+
+
 def test_per_task_script_restarts_a_killed_task_alone_and_stays_exact(cluster, reference, tmp_path):
-    """kill -9 of one rank: its task's own loop starts it again, the other task keeps its process, the run ends
-    with the uninterrupted run's weights (the job's store lives in the batch step, not in a rank)."""
+    """With the defaults, kill -9 of one rank before the first checkpoint: its task's own loop starts it again from
+    the run's start, the other task keeps its process and replays every step since, and the run ends with the
+    uninterrupted run's weights (the job's store lives in the batch step, not in a rank)."""
     out, run_dir = tmp_path / "job.out", tmp_path / "run"
-    job = cluster.sbatch(ROOT / "launch" / "slurm" / "bimdist-per-task.sbatch", *COMMON, f"--run.dir={run_dir}",
-                         "--checkpoint.every=100", "--pipeline.peer_timeout_s=60",
-                         options=[f"--output={out}", "--ntasks-per-node=2"], env=ENV, cwd=ROOT)
-    assert wait_for(lambda: out.exists() and "checkpoint stage=1 replica=0 step=200 " in out.read_text(), 240), (
+    job = cluster.sbatch(ROOT / "launch" / "slurm" / "bimdist-per-task.sbatch", *COMMON, *DEFAULTS,
+                         f"--run.dir={run_dir}", options=[f"--output={out}", "--ntasks-per-node=2"], env=ENV, cwd=ROOT)
+    assert wait_for(lambda: out.exists() and "progress stage=1 replica=0 step=200/" in out.read_text(), 240), (
         (out.read_text() if out.exists() else "") + cluster.logs())
     ranks = {task: pid for task, pid in slurm_ranks().items()}
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGKILL)
     assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED", out.read_text()[-3000:]
     text = out.read_text()
+    assert "a dead stage: a dead stage restarts alone (up to 3 times) from its newest checkpoint (every 500" in text
     assert "task 1 (rank) exited with 137; restarting it alone (1 of 3)" in text
-    assert re.search(r"recovery stage=1 replica=0 incarnation=1 resumed_at_step=\d+", text)
+    assert re.search(r"recovery stage=1 replica=0 incarnation=1 resumed_at_step=0 ", text), text[-3000:]
     assert "restarting it alone" not in text.replace("task 1 (rank) exited with 137; restarting it alone", "")
+    for block in range(4):
+        want, got = load_block(reference, STEPS, block), load_block(run_dir, STEPS, block)
+        assert all(torch.equal(want[k], got[k]) for k in want), f"block {block} differs from the uninterrupted run"
+
+
+def test_per_task_script_ends_a_job_whose_restart_cannot_be_fed_and_requeues_it(cluster, reference, tmp_path):
+    """The replay log past its disk cap, then kill -9 of the last stage: no supervisor here knows the log is short,
+    so the task restarts it, and stage 0 finds the step it asks for gone. That ends every task at once (exit 3),
+    naming the stage; the batch script requeues the job, which resumes from the newest common checkpoint and ends
+    with the uninterrupted run's weights."""
+    out, run_dir = tmp_path / "job.out", tmp_path / "run"
+    job = cluster.sbatch(ROOT / "launch" / "slurm" / "bimdist-per-task.sbatch", *COMMON, *DEFAULTS,
+                         "--pipeline.replay_memory_mb=1", "--pipeline.replay_disk_mb=1", f"--run.dir={run_dir}",
+                         options=[f"--output={out}", "--ntasks-per-node=2"], env=ENV, cwd=ROOT)
+    assert wait_for(lambda: out.exists() and "progress stage=1 replica=0 step=700/" in out.read_text(), 240), (
+        (out.read_text() if out.exists() else "") + cluster.logs())
+    ranks = slurm_ranks()
+    os.kill(ranks[1], signal.SIGKILL)
+    assert wait_for(lambda: "srun finished with exit code 3" in out.read_text(), 60), out.read_text()[-3000:]
+    text = out.read_text()
+    line = re.search(r"\[rank=0 [^\n]*job ended: stage 1 \(rank 1\) cannot restart alone: it needs step (\d+), but "
+                     r"stage 0 \(rank 0\) keeps steps from (\d+) on in its replay log \(its disk cap was reached\); "
+                     r"raise pipeline.replay_disk_mb \(now 1\)", text)
+    assert line and int(line.group(2)) > int(line.group(1)) == 500, text[-3000:]
+    assert not [p for p in ranks.values() if alive(p)], "a rank outlived the job"
+    assert f"requeueing job {job} to resume from the newest common checkpoint (job restart 1 of 1)" in text
+    cluster.wait_state(job, {"PENDING", "RUNNING", "COMPLETED"}, 60)
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue hold-off
+    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED", out.read_text()[-3000:]
+    text = out.read_text()
+    assert re.search(r"resumed stage 1 from .*\(step 500\)", text), text[-3000:]
     for block in range(4):
         want, got = load_block(reference, STEPS, block), load_block(run_dir, STEPS, block)
         assert all(torch.equal(want[k], got[k]) for k in want), f"block {block} differs from the uninterrupted run"
