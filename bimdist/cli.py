@@ -1,4 +1,4 @@
-"""The ``bimdist`` command: train, export, eval, recon, data prepare, trace merge.
+"""The ``bimdist`` command: train, finetune, export, eval, recon, data prepare, trace merge.
 
 Exit codes: 0 success, 1 unexpected error, 2 bad input or config, 3 a peer stage died or went silent,
 4 no usable data, 5 a checkpoint could not be written, 75 preempted (checkpointed; rerun to resume).
@@ -23,6 +23,16 @@ Sections: method, model, masking, data, optim, pipeline, metrics, checkpoint, ru
 Presets: {presets}."""
 
 
+FINETUNE_HELP = """\
+Overrides take the form --section.key=value: --finetune.* (the recipe: labels, init, epochs, blr, layer_decay, ...),
+--data.*, --pipeline.* (device, threads, timeouts), --metrics.*. Results go to RUN_DIR/finetune-depthK/result.json.
+Examples:
+  bimdist finetune runs/fmnist-tiny --depth 4 --finetune.labels=0.1
+  bimdist finetune runs/fmnist-tiny --depth 4 --finetune.init=scratch      # the same recipe from random init
+  bimdist finetune runs/fmnist-tiny --depth 4 --finetune.replicas=2        # 2 data-parallel ranks
+  torchrun --nproc_per_node=4 -m bimdist finetune runs/vitb --depth 4"""
+
+
 def _eval_help() -> str:
     """The ``--eval.key=value`` overrides ``bimdist eval`` takes, with their defaults, from the config model."""
     from bimdist.config import EvalConfig
@@ -38,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bimdist", description="Block-wise masked image modeling, distributed.")
     p.add_argument("--version", action="version", version=f"bimdist {__version__}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND",
-                           help="train | doctor | export | eval | recon | data | trace (COMMAND --help for more)")
+                           help="train | finetune | doctor | export | eval | recon | data | trace (COMMAND --help "
+                           "for more)")
     t = sub.add_parser("train", help="train (spawns local stages when pipeline.stages x replicas > 1)",
                        epilog=TRAIN_HELP.format(presets=", ".join(preset_names())),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("run_dir", type=Path)
     v.add_argument("--train-samples", type=int, default=None)
     v.add_argument("--test-samples", type=int, default=None)
+    ft = sub.add_parser("finetune", help="fine-tune the first K blocks on labels (MAE's recipe), data-parallel "
+                        "(--finetune.key=value overrides the recipe)", epilog=FINETUNE_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ft.add_argument("source", type=Path, help="a run folder, or an exported PATH.safetensors")
+    ft.add_argument("config", nargs="?", help="preset or YAML whose data and finetune sections to use (default: the "
+                    "run's config.yaml; required for an export)")
+    ft.add_argument("--depth", type=int, default=None, help="blocks 1..K of the run to keep")
+    ft.add_argument("--fresh", action="store_true", help="ignore this fine-tuning's checkpoints (moved aside)")
     dr = sub.add_parser("doctor", help="check this node for a job and predict its rate (under a minute)",
                         epilog="Overrides take the form --section.key=value, as for train.")
     dr.add_argument("config", nargs="?", help="YAML file or preset name")
@@ -124,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(argv)
     from bimdist.telemetry.progress import setup_logging
 
+    if args.verb == "finetune":  # its own logging (rank tags) and error handling
+        from bimdist.finetune.job import main as finetune_main
+
+        return finetune_main(args.source, depth=args.depth, config=args.config, overrides=rest, argv=argv,
+                             fresh=args.fresh, local_rank_arg=local_rank)
+
     if args.verb != "train":
         setup_logging()
         if rest and args.verb not in ("eval", "doctor"):
@@ -136,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "train":
             cfg = load_config(args.config, rest)
+            if cfg.data.source == "shards":
+                from bimdist.data.stream import check_shards
+
+                check_shards(cfg.data.train_shards, cfg.data.test_shards)
             from bimdist.distributed.env import detect
 
             if detect(local_rank_arg=local_rank) is None and cfg.world_size > 1:

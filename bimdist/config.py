@@ -219,6 +219,59 @@ class EvalConfig(Section):
                                      "accepted so that the config.yaml of older runs still loads")
 
 
+class FinetuneConfig(Section):
+    """``bimdist finetune``: MAE's fine-tuning protocol (main_finetune.py) with timm's pieces. The defaults are MAE's
+    ViT-B recipe scaled to a small model; each preset carries its own."""
+
+    init: Literal["pretrained", "scratch"] = Field("pretrained", description="pretrained: the run's blocks (or the "
+                                                   "export); scratch: the same network from random init (the control)")
+    labels: float = Field(1.0, gt=0, le=1, description="share of the train labels used: a seeded, class-balanced "
+                          "subset, the same images for every init and seed")
+    labels_seed: int = Field(0, description="seed of that subset (kept apart from finetune.seed on purpose)")
+    seed: int = Field(0, description="order, augmentation, head init, mixup and drop path")
+    epochs: float = Field(10.0, gt=0, description="passes over the (subset of the) train labels")
+    batch_size: int = Field(256, gt=0, description="global batch, split over the data-parallel ranks")
+    blr: float = Field(5e-4, gt=0, description="base lr; lr = blr * batch_size / 256")
+    layer_decay: float = Field(0.75, gt=0, le=1, description="lr scale layer_decay ** (layers - layer id)")
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    clip_grad: float | None = Field(None, gt=0)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    mixup: float = Field(0.8, ge=0, description="mixup alpha (0: off)")
+    cutmix: float = Field(1.0, ge=0, description="cutmix alpha (0: off)")
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1)
+    smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing")
+    auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm RandAugment spec (null: off)")
+    reprob: float = Field(0.25, ge=0, le=1, description="random erasing probability")
+    remode: Literal["const", "rand", "pixel"] = "pixel"
+    recount: int = Field(1, ge=1)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    input_size: int | None = Field(None, gt=0, description="fine-tuning resolution (null: model.img_size); the "
+                                   "position embeddings are interpolated")
+    eval_crop_pct: float = Field(1.0, gt=0, le=1, description="eval: resize to input_size / crop_pct, centre crop")
+    ema: bool = Field(False, description="keep a ModelEmaV3 copy and evaluate it too")
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    eval_every: int = Field(0, ge=0, description="steps between evaluations (0: only at the end)")
+    eval_samples: int | None = Field(None, gt=0, description="test images evaluated (null: all)")
+    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end)")
+    log_every: int = Field(20, gt=0)
+    replicas: int = Field(1, gt=0, description="data-parallel ranks the standalone launcher starts")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    dir: str | None = Field(None, description="output folder (null: RUN_DIR/finetune-depthK, with -scratch, "
+                            "-labelsF and -seedS for other settings)")
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale {self.crop_scale} must satisfy 0 < low <= high <= 1")
+        if self.batch_size % self.replicas:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by replicas={self.replicas}")
+        return self
+
+
 class Config(Section):
     method: Literal["bim", "mae"] = "bim"
     model: ModelConfig = ModelConfig()
@@ -230,6 +283,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> Config:

@@ -22,9 +22,12 @@ log = logging.getLogger("bimdist")
 
 
 def sample_images(cfg: Config, n: int) -> torch.Tensor:
-    """A few held-out images (test shards when configured, else the synthetic source): uint8 [n, C, H, W]."""
-    if cfg.data.source == "shards" and cfg.data.test_shards:
-        return eval_images(cfg, cfg.data.test_shards, limit=n, stats=DataStats())[0]
+    """A few images, held out when there are test shards (else the first training images, or the synthetic
+    source): uint8 [n, C, H, W]."""
+    if cfg.data.source == "shards":
+        pattern = cfg.data.test_shards or cfg.data.train_shards
+        assert pattern is not None
+        return eval_images(cfg, pattern, limit=n, stats=DataStats())[0]
     m = cfg.model
     return torch.stack([synthetic_image(10**6 + i, size=m.img_size, chans=m.in_chans, seed=cfg.run.seed)[0]
                         for i in range(n)])

@@ -79,7 +79,8 @@ def train_batches(cfg: Config, *, replica: int, replicas: int, start_step: int, 
 def eval_images(cfg: Config, pattern: str, *, limit: int | None, stats: DataStats) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` (None: all) decodable samples of ``pattern`` in shard order, centre-resized: uint8 and
     labels."""
-    stream = ShardStream(pattern, seed=cfg.run.seed, replica=0, replicas=1, shuffle_buffer=1, stats=stats,
+    key = "data.test_shards" if pattern == cfg.data.test_shards else "data.train_shards"
+    stream = ShardStream(pattern, seed=cfg.run.seed, replica=0, replicas=1, shuffle_buffer=1, stats=stats, key=key,
                          epochs=1, shuffle_shards=False)
     images, labels = [], []
     reader = MemberReader()

@@ -60,16 +60,32 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
+def check_shards(train: str | None, test: str | None) -> None:
+    """Both shard patterns exist before anything trains: a missing test pattern would otherwise fail only at the end
+    of the run, while it draws recon.png. Remote URLs are left to the readers."""
+    for key, pattern in (("data.train_shards", train), ("data.test_shards", test)):
+        if not pattern:
+            continue
+        urls = expand_shards(pattern)
+        missing = [u for u in urls if "://" not in u and not _exists(u)]
+        if missing:
+            extra = " (or set data.test_shards=null: recon.png then shows training images)" if "test" in key else ""
+            raise DataError(f"{key}={pattern!r}: {len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]}; "
+                            f"run `bimdist data prepare` or fix {key}{extra}")
+
+
 class ShardStream:
     """This replica's share of the shards, shuffled per epoch (shard order, then a sample buffer)."""
 
     def __init__(self, pattern: str, *, seed: int, replica: int, replicas: int, shuffle_buffer: int,
-                 stats: DataStats, epochs: int | None = None, shuffle_shards: bool = True):
+                 stats: DataStats, epochs: int | None = None, shuffle_shards: bool = True,
+                 key: str = "data.train_shards"):
+        """``key``: the config key the pattern came from, for messages."""
         self.urls = expand_shards(pattern)
         missing = [u for u in self.urls if "://" not in u and not _exists(u)]
         if missing:
             raise DataError(f"{len(missing)} of {len(self.urls)} shards are missing, e.g. {missing[0]}; "
-                            "run `bimdist data prepare` or fix data.train_shards")
+                            f"run `bimdist data prepare` or fix {key}")
         if len(self.urls) < replicas:
             raise DataError(f"{len(self.urls)} shards cannot be split over {replicas} stage-0 replicas; "
                             "write more, smaller shards")

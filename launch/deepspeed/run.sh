@@ -8,13 +8,14 @@
 set -euo pipefail
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 PORT=${MASTER_PORT:-29500}
+VERB=${BIMDIST_VERB:-train}  # or finetune: BIMDIST_VERB=finetune NUM_GPUS=4 bash launch/deepspeed/run.sh RUN_DIR --depth 4
 if [ -n "${HOSTFILE:-}" ] && [ -n "${NODE_RANK:-}" ]; then
   # No ssh: run this same command on every node with its NODE_RANK and the first node's MASTER_ADDR.
   exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "${MASTER_ADDR:?}" \
-    --master_port "$PORT" --module bimdist train "$@"
+    --master_port "$PORT" --module bimdist "$VERB" "$@"
 fi
 if [ -n "${HOSTFILE:-}" ]; then
   # From one node, reaching the others over passwordless ssh (pdsh).
-  exec deepspeed --hostfile "$HOSTFILE" --master_port "$PORT" --module bimdist train "$@"
+  exec deepspeed --hostfile "$HOSTFILE" --master_port "$PORT" --module bimdist "$VERB" "$@"
 fi
-exec deepspeed --num_gpus "${NUM_GPUS:-4}" --master_port "$PORT" --module bimdist train "$@"
+exec deepspeed --num_gpus "${NUM_GPUS:-4}" --master_port "$PORT" --module bimdist "$VERB" "$@"

@@ -8,4 +8,4 @@ set -euo pipefail
 : "${NNODES:?set NNODES}" "${NPROC_PER_NODE:?set NPROC_PER_NODE}" "${RDZV_ENDPOINT:?set RDZV_ENDPOINT=host:port}"
 exec "${PYTHON:-python}" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-bimdist}" \
-  --max-restarts="${MAX_RESTARTS:-3}" -m bimdist train "$@"
+  --max-restarts="${MAX_RESTARTS:-3}" -m bimdist "${BIMDIST_VERB:-train}" "$@"

@@ -94,6 +94,14 @@ def stack(tmp_path_factory):
                     f"--metrics.pushgateway=127.0.0.1:{pg_port}", "--metrics.trace=true", "--run.log_every=200",
                     log_path=log)
     procs.append(job)
+    # a fine-tuning job next to it (from scratch: it needs only the run's config.yaml), for the dashboard's row
+    fport = free_block(1)
+    assert wait_for(lambda: (tmp / "run" / "config.yaml").exists(), 60)
+    ft = start_cli("finetune", str(tmp / "run"), "--depth", "4", "--finetune.init=scratch",
+                   "--finetune.epochs=100000", "--finetune.batch_size=32", "--finetune.eval_every=4",
+                   "--finetune.eval_samples=64", f"--metrics.port={fport}", f"--metrics.file_sd_dir={tmp / 'sd'}",
+                   f"--metrics.job={JOB}-finetune", f"--finetune.dir={tmp / 'ft'}", log_path=tmp / "finetune.log")
+    procs.append(ft)
     try:
         def scraped() -> bool:
             try:
@@ -103,6 +111,14 @@ def stack(tmp_path_factory):
                 return False
 
         assert wait_for(scraped, 150), log.read_text()[-3000:]
+
+        def finetune_scraped() -> bool:
+            try:
+                return bool(series(url, f'bimdist_finetune_eval_top1{{job="{JOB}-finetune"}} >= 0'))
+            except OSError:
+                return False
+
+        assert wait_for(finetune_scraped, 150), (tmp / "finetune.log").read_text()[-3000:]
         time.sleep(3)  # a few more scrapes, so every rate() window has data
         yield {"prom": url, "pushgateway": f"http://127.0.0.1:{pg_port}", "job": job, "run": tmp / "run",
                "sd": tmp / "sd", "log": log}
@@ -141,10 +157,21 @@ def test_prometheus_scrapes_every_metric_for_every_stage(stack):
     assert info["version"] and len(info["fingerprint"]) == 16
 
 
+def test_prometheus_scrapes_the_finetuning_job(stack):
+    for name in ("bimdist_finetune_steps_total", "bimdist_finetune_samples_total", "bimdist_finetune_loss",
+                 "bimdist_finetune_learning_rate", "bimdist_finetune_eval_top1", "bimdist_finetune_eval_top5",
+                 "bimdist_finetune_step", "bimdist_finetune_steps_target", "bimdist_build_info"):
+        got = series(stack["prom"], f'{name}{{job="{JOB}-finetune"}}')
+        labels = [(s["metric"]["rank"], s["metric"]["depth"], s["metric"]["init"]) for s in got]
+        assert labels == [("0", "4", "scratch")], name
+    top1 = float(series(stack["prom"], f'bimdist_finetune_eval_top1{{job="{JOB}-finetune"}}')[0]["value"][1])
+    assert 0 <= top1 <= 100
+
+
 def dashboard_exprs() -> list[str]:
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "bimdist.json").read_text())
     assert dash["uid"] == "bimdist-pipeline"
-    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]  # a row panel has none
 
 
 def test_every_dashboard_panel_returns_data(stack):
@@ -169,9 +196,14 @@ def test_every_alert_rule_evaluates(stack):
     assert not [a for a in series(stack["prom"], "ALERTS") if a["metric"].get("alertstate") == "firing"]
 
 
+def sd_files(folder: Path, job: str) -> list[Path]:
+    """The file_sd target files of one job (the fine-tuning job advertises its own next to the pipeline's)."""
+    return [f for f in folder.glob("*.json") if json.loads(f.read_text())[0]["labels"]["job"] == job]
+
+
 def test_file_sd_target_is_advertised(stack):
-    files = list(stack["sd"].glob("*.json"))
-    assert len(files) == 1
+    files = sd_files(stack["sd"], JOB)
+    assert len(files) == 1 and len(sd_files(stack["sd"], f"{JOB}-finetune")) == 1
     targets = json.loads(files[0].read_text())[0]["targets"]
     assert len(targets) == 4
     up = series(stack["prom"], f'up{{job="{JOB}"}}')
@@ -182,7 +214,7 @@ def test_sigterm_pushes_the_outcome_removes_the_target_and_leaves_a_trace(stack)
     job = stack["job"]
     job.send_signal(signal.SIGTERM)
     assert job.wait(timeout=120) == 75, stack["log"].read_text()[-3000:]
-    assert list(stack["sd"].glob("*.json")) == []  # the target file is removed at exit
+    assert sd_files(stack["sd"], JOB) == []  # the target file is removed at exit
     with urllib.request.urlopen(stack["pushgateway"] + "/metrics", timeout=10) as r:
         pushed = r.read().decode()
     for stage in range(4):

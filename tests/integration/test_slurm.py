@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -155,3 +156,20 @@ def slurm_ranks() -> dict[int, int]:
                 if item.startswith(b"SLURM_PROCID="):
                     out[int(item.split(b"=")[1])] = int(entry)
     return out
+
+
+@pytest.mark.parametrize("script", ["bimdist.sbatch", "bimdist-per-task.sbatch"])
+def test_both_scripts_run_a_finetuning_job(cluster, reference, tmp_path, script):
+    """BIMDIST_VERB=finetune: the same scripts start a 2-rank data-parallel fine-tuning of a finished run."""
+    out = tmp_path / "job.out"
+    job = cluster.sbatch(ROOT / "launch" / "slurm" / script, str(reference), "--depth", "2",
+                         "--finetune.init=pretrained", "--finetune.epochs=1", "--finetune.batch_size=32",
+                         f"--finetune.dir={tmp_path / 'ft'}", "--data.source=synthetic",
+                         options=[f"--output={out}", "--ntasks-per-node=2" if "per-task" in script else
+                                  "--ntasks-per-node=1"],
+                         env=dict(ENV, BIMDIST_VERB="finetune", NPROC_PER_NODE="2"), cwd=ROOT)
+    assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED", out.read_text()[-3000:]
+    text = out.read_text()
+    assert "finetune rank 1 of 2" in text and "finetune result: top1=" in text
+    result = json.loads((tmp_path / "ft" / "result.json").read_text())
+    assert result["ranks"] == 2 and result["depth"] == 2 and result["init"] == "pretrained"

@@ -229,3 +229,22 @@ def test_recon_on_demand(trained_fmnist, tmp_path):
 def test_fmnist_mini_asset_is_real_fashion_mnist():
     info = json.loads((FMNIST_MINI / "dataset.json").read_text())
     assert info["name"] == "fashion-mnist" and info["num_train"] == 256
+
+
+def test_missing_test_shards_stop_the_run_before_training_naming_the_key(run_dir, tmp_path):
+    """They used to fail only at the end, while recon.png was drawn, with a message naming data.train_shards."""
+    missing = f"{tmp_path}/nothing-{{000000..000001}}.tar"
+    proc = cli("train", str(TINY), "--data.source=shards", *fmnist_mini_args(), f"--data.test_shards={missing}",
+               "--model.img_size=28", f"--run.dir={run_dir}", "--run.steps=5", "--run.recon_png=true", timeout=120)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert f"data.test_shards={missing!r}: 2 of 2 shards are missing" in proc.stderr
+    assert "set data.test_shards=null" in proc.stderr and "progress" not in proc.stderr
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_without_test_shards_recon_png_shows_training_images(run_dir):
+    train = fmnist_mini_args()[0]
+    proc = cli("train", str(TINY), "--data.source=shards", train, "--data.test_shards=null", "--model.img_size=28",
+               f"--run.dir={run_dir}", "--run.steps=4", "--run.recon_png=true", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run_dir / "recon.png").stat().st_size > 0
