@@ -215,6 +215,10 @@ class EvalConfig(Section):
     probe_max_iter: int = Field(1000, gt=0, description="L-BFGS iterations per probe fit")
     untrained: bool = Field(False, description="also probe the run's initial weights (its seeded, untrained "
                             "units) at full depth, a row that shows what pretraining added")
+    monitor_every: int = Field(0, ge=0, description="train: every N steps each block's kNN top-1 on a small fixed "
+                               "labelled set, as a log line and the bimdist_monitor_knn_top1 gauge (0: off)")
+    monitor_samples: int = Field(1000, gt=1, description="the monitor's kNN bank (train images); half as many test "
+                                 "images are its queries")
     probe_epochs: int | None = Field(None, description="unused since the linear probe is scikit-learn's; "
                                      "accepted so that the config.yaml of older runs still loads")
 

@@ -46,7 +46,10 @@ def peak_memory_bytes(device: torch.device) -> int:
 class Metrics:
     """An Observer of the stage loop that keeps a private registry (no module-level state)."""
 
-    def __init__(self, cfg: Config, *, stage: int, replica: int, local_rank: int, device: torch.device):
+    def __init__(self, cfg: Config, *, stage: int, replica: int, local_rank: int, device: torch.device,
+                 blocks: list[int] | None = None):
+        """``blocks``: the units this rank trains (a ``block`` label of the monitor's gauge each)."""
+        blocks = blocks or []
         self.cfg, self.device = cfg, device
         disable_created_metrics()  # no *_created series: they double the series count and no panel uses them
         self.labels = {"stage": str(stage), "replica": str(replica), "job": cfg.metrics.job}
@@ -88,6 +91,12 @@ class Metrics:
                                       "a restart of the next stage alone needs, 0 once its disk cap dropped some "
                                       "(a dead next stage then ends the job); 1 on the last stage")
         self.next_restartable.set(1)
+        knn = Gauge("bimdist_monitor_knn_top1", "Live kNN top-1 (percent) of each block's pooled features on the "
+                    "monitor set (eval.monitor_every; NaN until the first monitor step)", [*LABELS, "block"],
+                    registry=r)
+        self.monitor_knn = {b: knn.labels(**self.labels, block=str(b)) for b in blocks}
+        for g in self.monitor_knn.values():
+            g.set(math.nan)
         self.peak_memory = gauge("bimdist_peak_memory_bytes", "Peak memory: CUDA allocated, or process RSS on CPU")
         self.step_flop = gauge("bimdist_step_flop_count", "Floating-point operations of one step of this stage")
         self.flop_rate = gauge("bimdist_flop_per_second", "Achieved FLOP/s while computing (excludes waits)")
@@ -135,6 +144,9 @@ class Metrics:
         self.corrupt.inc(max(0, rec.corrupt - self._corrupt))
         self.replayed.inc(max(0, rec.replayed - self._replayed))
         self.replay_bytes.set(rec.replay_log_bytes)
+        for block, top1 in rec.monitor_knn.items():
+            if block in self.monitor_knn:
+                self.monitor_knn[block].set(top1)
         if rec.next_restartable is not None:
             self.next_restartable.set(int(rec.next_restartable))
         self._sent, self._received, self._corrupt = rec.bytes_sent, rec.bytes_received, rec.corrupt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -51,6 +51,7 @@ class StepRecord:
     grad_norm: float | None = None  # largest gradient norm over the stage's units, on log steps (or with clipping)
     flop: float = 0.0  # floating-point operations of one step of this stage (counted once, on the first step)
     peak_flop_per_s: float | None = None  # the device's peak, when known (for MFU)
+    monitor_knn: dict[int, float] = field(default_factory=dict)  # block -> live kNN top-1, on monitor steps
 
 
 class Progress:

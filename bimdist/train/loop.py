@@ -37,6 +37,7 @@ from bimdist.telemetry.progress import Progress, StepRecord
 from bimdist.telemetry.trace import Timeline
 from bimdist.train.checkpoint import CheckpointStore
 from bimdist.train.engine import TorchEngine
+from bimdist.train.monitor import load_monitor_set, run_blocks
 from bimdist.train.replicas import ReplicaRecovery
 from bimdist.train.signals import (
     END_DATA,
@@ -200,6 +201,9 @@ class StageLoop:
         self.peak_flop_per_s = peak_flop_per_s(device, cfg.metrics.peak_tflops)
         self.timeline = timeline or Timeline(None, stage=self.stage, replica=self.replica)
         self._window: list[tuple[StepRecord, StepResult]] = []  # steps run but not yet read from the device
+        # the live accuracy monitor: replica 0's pipeline only; stage 0 reads the set, the others receive it
+        self.monitor_every = cfg.eval.monitor_every if self.replica == 0 else 0
+        self.monitor_set = load_monitor_set(cfg) if self.monitor_every and self.first else None
         self.skipped_steps = 0  # steps a restarted neighbour could not feed (pipeline.replay: off)
 
     def _engine_factory(self) -> Callable[[Any], Any]:
@@ -398,14 +402,41 @@ class StageLoop:
             return END_DATA
         return None
 
-    def _emit(self, step: int, ids_shuffle: torch.Tensor, images: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def _emit(self, step: int, ids_shuffle: torch.Tensor, images: torch.Tensor,
+              extra: list[torch.Tensor]) -> Callable[[torch.Tensor], None]:
         assert self.transport is not None
 
         def send(tokens: torch.Tensor) -> None:  # [n, 1+v, D] -> the next stage, before our own backward
             wire = tokens[:, : 1 + self.next_visible].to(self.wire_dtype)
-            self.transport.send(Message(DATA, step, [wire, ids_shuffle.to(self.ids_dtype), images]))
+            self.transport.send(Message(DATA, step, [wire, ids_shuffle.to(self.ids_dtype), images, *extra]))
 
         return send
+
+    def _monitor(self, step: int, received: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[int, float]]:
+        """On a monitor step: this stage's blocks over the monitor set (from the data, or from the previous stage's
+        message), their kNN top-1, and what to pass on: [tokens, labels, bank size]."""
+        if self.first:
+            if not (self.monitor_every and step % self.monitor_every == 0) or self.monitor_set is None:
+                return [], {}
+            ms = self.monitor_set
+            images, labels, n_bank = ms.images.to(self.device), ms.labels, ms.n_bank
+            tokens = None
+        elif len(received) == 6:
+            images, tokens = None, received[3].float()
+            labels, n_bank = received[4].cpu(), int(received[5].item())
+        else:
+            return [], {}
+        self.timeline.switch("monitor", step=step)
+        t0 = time.perf_counter()
+        with self.worker.autocast:
+            out, scores = run_blocks(self.worker.units, images=images, tokens=tokens, labels=labels, n_bank=n_bank,
+                                     knn_k=self.cfg.eval.knn_k)
+        log.info("monitor stage=%d step=%d %s (%d bank / %d query images, %.2f s)", self.stage, step,
+                 " ".join(f"knn_top1_b{b}={v:.2f}" for b, v in scores.items()), n_bank, len(labels) - n_bank,
+                 time.perf_counter() - t0)
+        if self.last:
+            return [], scores
+        return [out.to(self.wire_dtype), labels.to(self.device), torch.tensor([n_bank], device=self.device)], scores
 
     def run(self) -> StageResult:
         start, position = self._start()
@@ -463,7 +494,8 @@ class StageLoop:
                     tokens = msg.tensors[0].float()
                     ids, images = msg.tensors[1].long(), msg.tensors[2]
                 data_wait = time.perf_counter() - t_wait if self.first else 0.0
-                emit = self._emit(step, ids, images) if not self.last else None
+                extra, monitored = self._monitor(step, [] if self.first else msg.tensors)
+                emit = self._emit(step, ids, images, extra) if not self.last else None
                 t0 = time.perf_counter()
                 logged = self._log_step(step)
                 with FlopCounterMode(display=False) if self.step_flop is None else contextlib.nullcontext() as fc:
@@ -487,7 +519,7 @@ class StageLoop:
                     replayed=self.transport.replayed if self.transport else 0,
                     replay_log_bytes=self.transport.log.bytes if self.transport else 0,
                     next_restartable=self.transport.next_restartable if self.transport else None,
-                    flop=self.step_flop or 0.0, peak_flop_per_s=self.peak_flop_per_s,
+                    flop=self.step_flop or 0.0, peak_flop_per_s=self.peak_flop_per_s, monitor_knn=monitored,
                 )
                 last_end = now
                 if step == start and self.comm is not None and self.comm.incarnation > 0:

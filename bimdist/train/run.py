@@ -29,8 +29,9 @@ from bimdist.distributed.env import (
 from bimdist.distributed.groups import init_comm
 from bimdist.distributed.launch import launch_standalone, watch_parent
 from bimdist.distributed.restart_plan import restart_plan
-from bimdist.distributed.topology import Topology, TopologyError, check_world
+from bimdist.distributed.topology import Topology, TopologyError, blocks_of_stage, check_world
 from bimdist.distributed.transport import PeerError
+from bimdist.model.unit import unit_indices
 from bimdist.runs import store_for
 from bimdist.telemetry.losslog import LossCSV, plot_losses
 from bimdist.telemetry.metrics import FileSDTarget, Metrics
@@ -167,8 +168,10 @@ class RankJob:
                 if moved:
                     log.warning("--fresh: previous checkpoints moved to %s", moved)
         summary = RankSummary(run_dir, stage=coord.stage, replica=coord.replica, device=device)
+        units = unit_indices(cfg)
+        blocks = blocks_of_stage(len(units), topo.stages, coord.stage) if cfg.method == "bim" else units
         self.metrics = Metrics(cfg, stage=coord.stage, replica=coord.replica, local_rank=env.local_rank,
-                               device=device)
+                               device=device, blocks=blocks)
         observers = [*observers, self.metrics, summary]
         if coord.replica == 0:
             observers.append(LossCSV(run_dir, stage=coord.stage, replica=coord.replica))

@@ -161,3 +161,31 @@ def test_kill_9_of_a_middle_stage_ends_every_rank_naming_it_without_stage_restar
     assert re.search(r"\[rank=3 .*peer failure: receiving from stage 2 \(rank 2\) failed", text)
     assert re.search(r"\[rank=0 .*first failure in the job: rank \d: .*stage 2 \(rank 2\)", text), text[-3000:]
     assert "exit codes by rank: [3, 3, -9, 3]" in text
+
+
+def test_the_live_monitor_scores_every_block_as_an_offline_knn_would_and_changes_no_weight(sequential, tmp_path):
+    """eval.monitor_every on a 4-stage pipeline: every block logs a kNN top-1 at every monitor step; at a checkpoint
+    step it equals the kNN of that checkpoint's features on the same set (within one query image: another thread
+    count may round a feature differently), and the run ends with the weights of the run without the monitor."""
+    every, samples = 4, 120
+    proc = cli("train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", "--pipeline.stages=4",
+               "--pipeline.threads=1", f"--eval.monitor_every={every}", f"--eval.monitor_samples={samples}",
+               "--checkpoint.every=4", "--checkpoint.keep=5", timeout=240)
+    _assert_clean_drain(proc, 4)
+    logged = {(int(s), int(b), int(step)): float(v) for s, step, b, v in re.findall(
+        r"monitor stage=(\d) step=(\d+) knn_top1_b(\d)=([\d.]+)", proc.stderr)}
+    assert sorted({(s, step) for s, _, step in logged}) == [(s, t) for s in range(4) for t in range(0, STEPS, every)]
+    assert same_weights(sequential, tmp_path, STEPS), "the monitor changed the training"
+    from bimdist.evaluate import depth_features, knn
+    from bimdist.model.backbone import Backbone
+    from bimdist.runs import load_units, run_config
+    from bimdist.train.monitor import load_monitor_set
+
+    cfg = run_config(tmp_path)
+    ms = load_monitor_set(cfg)
+    assert ms.n_bank == samples and len(ms.labels) == samples + samples // 2
+    units, _ = load_units(cfg, tmp_path, step=every)
+    feats = depth_features(Backbone(cfg, units).eval(), ms.images, batch=len(ms.images), pool="avg")
+    for block, f in enumerate(feats):
+        want = knn(f[: ms.n_bank], ms.labels[: ms.n_bank], f[ms.n_bank :], ms.labels[ms.n_bank :], k=cfg.eval.knn_k)
+        assert abs(logged[(block, block, every)] - want) <= 100 / (samples // 2) + 1e-9, (block, want)

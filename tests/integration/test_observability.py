@@ -28,7 +28,8 @@ METRICS = ["bimdist_steps_total", "bimdist_samples_total", "bimdist_loss", "bimd
            "bimdist_learning_rate", "bimdist_last_step_timestamp_seconds", "bimdist_nonfinite_losses_total",
            "bimdist_corrupt_samples_total", "bimdist_peak_memory_bytes", "bimdist_build_info", "bimdist_step",
            "bimdist_data_wait_seconds_total", "bimdist_stage_restarts_total", "bimdist_replayed_steps_total",
-           "bimdist_replay_log_bytes", "bimdist_grad_norm", "bimdist_next_stage_restartable"]
+           "bimdist_replay_log_bytes", "bimdist_grad_norm", "bimdist_next_stage_restartable",
+           "bimdist_monitor_knn_top1"]
 
 
 def need(binary: str) -> str:
@@ -92,6 +93,7 @@ def stack(tmp_path_factory):
     job = start_cli("train", str(TINY), f"--run.dir={tmp / 'run'}", "--run.steps=1000000", "--pipeline.stages=4",
                     f"--metrics.port={metrics_port}", f"--metrics.file_sd_dir={tmp / 'sd'}", f"--metrics.job={JOB}",
                     f"--metrics.pushgateway=127.0.0.1:{pg_port}", "--metrics.trace=true", "--run.log_every=200",
+                    "--eval.monitor_every=50", "--eval.monitor_samples=100",
                     log_path=log)
     procs.append(job)
     # a fine-tuning job next to it (from scratch: it needs only the run's config.yaml), for the dashboard's row

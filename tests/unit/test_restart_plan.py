@@ -79,3 +79,4 @@ def test_an_abort_reaches_every_watcher_once_with_the_first_reason():
     assert done.wait(5) and seen == ["stage 2 (rank 2) cannot restart alone"]
     assert board.aborted() == "stage 2 (rank 2) cannot restart alone"
     watch.close()
+
