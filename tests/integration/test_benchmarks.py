@@ -191,3 +191,14 @@ def test_ablation_control_keeps_the_initial_weights(tmp_path):
     # another seed's initialisation differs from the saved weights, so the check above can fail
     other = build_unit(load_config("fmnist-tiny", [*QUICK, "--run.seed=1"]), 0).state_dict()
     assert not all(torch.equal(load_block(tmp_path, 1, 0)[k], v) for k, v in other.items())
+
+
+def test_finetune_quick(tmp_path):
+    r = bench("finetune", tmp_path, "--jobs", "2")
+    arms = {(x["arm"], x["depth"], x["labels"]) for x in r["runs"]}
+    assert arms == {(a, d, f) for a in ("BIM", "MAE", "from scratch") for d in (4, 1) for f in (1.0, 0.5)}
+    assert len(r["runs"]) == len(arms)  # --quick: one seed
+    assert all(0 <= x["top1"] <= 100 for x in r["runs"])
+    half = {x["train_labels_sha256"] for x in r["runs"] if x["labels"] == 0.5}
+    assert len(half) == 1  # the same label subset for every arm, depth and seed
+    assert {c["target"] for c in r["checks"]} >= {"full depth, all labels: BIM top-1 %"}

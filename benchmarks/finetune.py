@@ -1,0 +1,193 @@
+"""Fine-tuning accuracy on Fashion-MNIST, MAE's protocol: BIM pretrained by the pipeline, end-to-end MAE pretrained
+for the same steps, and the same network from scratch, each fine-tuned with one recipe (the fmnist-tiny preset's
+``finetune`` section) at full depth and at the shallowest depth (MAE truncated there), on all the labels and on a
+10% class-balanced subset (the same images for every arm and seed), with several fine-tuning seeds.
+
+The model is the demo's, 128 wide x 4 layers in 4 blocks: pretrained for 1013 steps of 256, which is the accuracy
+benchmark's pretraining compute (two epochs of the 192 x 12 preset) in BIM's FLOPs. MAE gets the same steps (fewer
+FLOPs: one decoder instead of four). Each arm's figure is the mean and standard deviation over the seeds; a gap
+smaller than twice the pooled standard deviation is reported as noise.
+
+Targets: BIM full depth >= MAE full depth - 0.3 points (all labels and 10%); BIM full depth >= from scratch + 2.0
+points (all labels) and + 10 (10%); BIM full depth on all labels >= 90.0% top-1; BIM shallowest >= MAE truncated to
+the same depth (all labels).
+
+    python -m benchmarks.finetune [--seeds 3] [--jobs 1]
+    python -m benchmarks.finetune --quick
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import product
+from pathlib import Path
+
+from benchmarks.accuracy import ensure_data
+from benchmarks.common import ROOT, Check, base_parser, md_table, train_flops_per_sample, write_results
+from bimdist.config import load_config
+
+MODEL = ["--model.embed_dim=128", "--model.num_heads=2", "--model.depth=4"]
+STEPS = 1013  # 2 epochs of the 192 x 12 preset (468 steps) in BIM's FLOPs at 128 x 4 (benchmarks.common)
+MINI = ROOT / "tests" / "assets" / "fmnist-mini"
+QUICK = [f"--data.train_shards={MINI}/train-{{000000..000003}}.tar",
+         f"--data.test_shards={MINI}/test-{{000000..000001}}.tar", "--model.embed_dim=32", "--model.num_heads=2",
+         "--model.depth=4", "--model.decoder_embed_dim=16", "--data.batch_size=32"]
+ARMS = {"BIM": "bim", "MAE": "mae", "from scratch": "bim"}  # arm -> the pretraining run it uses
+
+
+def run(cmd: list[str], *, timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "bimdist", *cmd], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bimdist {' '.join(cmd)} failed\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def pretrain(method: str, run_dir: Path, base: list[str], steps: int) -> float:
+    t0 = time.perf_counter()
+    extra = ["--pipeline.stages=2", "--pipeline.threads=1"] if method == "bim" else [
+        "--method=mae", "--masking.extra_drop=null"]
+    run(["train", "fmnist-tiny", *base, *extra, f"--run.steps={steps}", f"--run.dir={run_dir}",
+         "--run.recon_png=false", "--checkpoint.keep=1", "--run.log_every=100"], timeout=4 * 3600)
+    return time.perf_counter() - t0
+
+
+def finetune(arm: str, run_dir: Path, out: Path, *, depth: int, labels: float, seed: int, epochs: float,
+             extra: list[str]) -> dict:
+    t0 = time.perf_counter()
+    run(["finetune", str(run_dir), "--depth", str(depth), f"--finetune.labels={labels}", f"--finetune.seed={seed}",
+         f"--finetune.epochs={epochs}", f"--finetune.init={'scratch' if arm == 'from scratch' else 'pretrained'}",
+         f"--finetune.dir={out}", *extra], timeout=6 * 3600)
+    result = json.loads((out / "result.json").read_text())
+    return {"arm": arm, "depth": depth, "labels": labels, "seed": seed, "top1": result["top1"],
+            "top5": result["top5"], "epochs": result["epochs"], "steps": result["steps"],
+            "train_labels": result["train_labels"], "train_labels_sha256": result["train_labels_sha256"],
+            "seconds": time.perf_counter() - t0, "history": result["history"]}
+
+
+def summary(runs: list[dict], arm: str, depth: int, labels: float) -> tuple[float, float, list[float]]:
+    values = [r["top1"] for r in runs if (r["arm"], r["depth"], r["labels"]) == (arm, depth, labels)]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, values
+
+
+def gap(record: dict, a: tuple[str, int, float], b: tuple[str, int, float]) -> tuple[float, float]:
+    """Mean of ``a`` minus mean of ``b``, and the pooled standard deviation of the two."""
+    ma, sa, _ = summary(record["runs"], *a)
+    mb, sb, _ = summary(record["runs"], *b)
+    return ma - mb, ((sa * sa + sb * sb) / 2) ** 0.5
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per arm")
+    parser.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at once (1: each has the machine)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="pretraining steps of both methods")
+    args = parser.parse_args(argv)
+    if args.quick:
+        base, steps, depths, fractions = QUICK, 6, (4, 1), (1.0, 0.5)
+        seeds = range(1)
+        tune = {1.0: 1.0, 0.5: 1.0}
+        extra = ["--finetune.batch_size=32", "--finetune.eval_samples=64"]
+    else:
+        ensure_data()
+        base, steps, depths, fractions, seeds = MODEL, args.steps, (4, 1), (1.0, 0.1), range(args.seeds)
+        preset = load_config("fmnist-tiny", MODEL)
+        tune = {1.0: preset.finetune.epochs, 0.1: preset.finetune.epochs * 4}
+        extra = ["--pipeline.threads=1"] if args.jobs > 1 else []  # side by side: a core each
+    cfg = load_config("fmnist-tiny", [*base, "--pipeline.stages=2"])
+    flops = {"bim": sum(train_flops_per_sample(cfg)),
+             "mae": sum(train_flops_per_sample(load_config("fmnist-tiny", [*base, "--method=mae",
+                                                                          "--masking.extra_drop=null"])))}
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs_dir = {m: Path(tmp) / m for m in ("bim", "mae")}
+        seconds = {m: pretrain(m, runs_dir[m], base, steps) for m in ("bim", "mae")}
+        jobs = [(arm, depth, labels, seed) for arm, depth, labels, seed in product(ARMS, depths, fractions, seeds)]
+
+        def one(job: tuple[str, int, float, int]) -> dict:
+            arm, depth, labels, seed = job
+            out = Path(tmp) / "ft" / f"{arm.replace(' ', '-')}-d{depth}-l{labels:g}-s{seed}"
+            return finetune(arm, runs_dir[ARMS[arm]], out, depth=depth, labels=labels, seed=seed,
+                            epochs=tune[labels], extra=extra)
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            results = list(pool.map(one, jobs))
+    record = {"pretrain_steps": steps, "batch": cfg.data.batch_size, "pretrain_seconds": seconds,
+              "pretrain_flops_per_sample": flops, "model": "128 wide x 4 layers, 4 blocks" if not args.quick else
+              "32 wide x 4 layers (quick)", "seeds": len(seeds), "epochs": tune, "jobs": args.jobs,
+              "recipe": load_config("fmnist-tiny", base).finetune.model_dump(mode="json"), "runs": results,
+              "minutes": (time.perf_counter() - t_start) / 60, "depths": list(depths),
+              "fractions": list(fractions)}
+    rows = []
+    for arm, depth, labels in product(ARMS, depths, fractions):
+        mean, std, values = summary(results, arm, depth, labels)
+        minutes = statistics.mean(r["seconds"] for r in results if (r["arm"], r["depth"], r["labels"]) ==
+                                  (arm, depth, labels)) / 60
+        rows.append([arm, depth, f"{100 * labels:g}%", f"{mean:.2f} ± {std:.2f}", " / ".join(f"{v:.2f}" for v in
+                                                                                               values),
+                     f"{minutes:.1f}"])
+    table = md_table(["pretraining", "blocks kept", "labels", "top-1 % (mean ± sd)", "per seed", "min per run"],
+                     rows)
+    shas = {r["train_labels_sha256"] for r in results if r["labels"] == fractions[-1]}
+    subset = "one subset for every run" if len(shas) == 1 else "THE SUBSETS DIFFER"
+    full = max(depths)
+    table += (f"\n\n{record['model']}; pretraining {steps} steps of {cfg.data.batch_size} "
+              f"(BIM {seconds['bim'] / 60:.0f} min as the 2-stage pipeline, {flops['bim'] / 1e6:.0f} MFLOP per "
+              f"sample; MAE {seconds['mae'] / 60:.0f} min in one process, {flops['mae'] / 1e6:.0f} MFLOP). "
+              f"Fine-tuning: the fmnist-tiny recipe, {tune[fractions[0]]:g} epochs on all labels and "
+              f"{tune[fractions[-1]]:g} on {100 * fractions[-1]:g}% ({subset}), "
+              f"{len(seeds)} seeds, {args.jobs} run(s) at a time on {cfg_cores()} cores; "
+              f"{record['minutes']:.0f} minutes in all. Gaps: "
+              + "; ".join(gap_line(record, a, b) for a, b in comparisons(full, min(depths), fractions)) + ".\n"
+              + "\n".join(c.line() for c in checks(record)))
+    write_results("finetune", record, table, args, checks=checks)
+    return 0
+
+
+def cfg_cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def comparisons(full: int, shallow: int, fractions: list[float] | tuple[float, ...]) -> list[tuple[tuple, tuple]]:
+    out = []
+    for labels in fractions:
+        out += [(("BIM", full, labels), ("MAE", full, labels)), (("BIM", full, labels), ("from scratch", full, labels))]
+    out.append((("BIM", shallow, fractions[0]), ("MAE", shallow, fractions[0])))
+    return out
+
+
+def gap_line(record: dict, a: tuple, b: tuple) -> str:
+    g, sd = gap(record, a, b)
+    noise = " (within 2 sd: noise)" if abs(g) < 2 * sd else ""
+    return f"{a[0]} - {b[0]} at {a[1]} blocks, {100 * a[2]:g}% labels: {g:+.2f} points, pooled sd {sd:.2f}{noise}"
+
+
+def checks(record: dict) -> list[Check]:
+    depths, fractions = record["depths"], record["fractions"]
+    full, shallow, few = max(depths), min(depths), fractions[-1]
+    bim_all, _, _ = summary(record["runs"], "BIM", full, fractions[0])
+    out = []
+    for labels, scratch_gap in ((fractions[0], 2.0), (few, 10.0)):
+        share = f"{100 * labels:g}% labels"
+        g, sd = gap(record, ("BIM", full, labels), ("MAE", full, labels))
+        out.append(Check(f"full depth, {share}: BIM - MAE, points", g, -0.3, note=f"(pooled sd {sd:.2f})"))
+        g, sd = gap(record, ("BIM", full, labels), ("from scratch", full, labels))
+        out.append(Check(f"full depth, {share}: BIM - from scratch, points", g, scratch_gap,
+                         note=f"(pooled sd {sd:.2f})"))
+    out.append(Check("full depth, all labels: BIM top-1 %", bim_all, 90.0))
+    g, sd = gap(record, ("BIM", shallow, fractions[0]), ("MAE", shallow, fractions[0]))
+    out.append(Check(f"{shallow} block(s), all labels: BIM - truncated MAE, points", g, 0.0,
+                     note=f"(pooled sd {sd:.2f})"))
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
