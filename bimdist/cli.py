@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                         epilog="Overrides take the form --section.key=value, as for train.")
     dr.add_argument("config", nargs="?", help="YAML file or preset name")
     dr.add_argument("--json", type=Path, default=None, help="also write the table and figures here")
+    dr.add_argument("--devices", type=int, default=None, help="also choose the replica count per stage for N "
+                    "devices from the measured stage costs (what pipeline.replicas=auto does)")
     r = sub.add_parser("recon", help="write the reconstruction PNG of a run's newest checkpoint")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--out", type=Path, default=None)
@@ -167,7 +169,17 @@ def main(argv: list[str] | None = None) -> int:
                 check_shards(cfg.data.train_shards, cfg.data.test_shards)
             from bimdist.distributed.env import detect
 
-            if detect(local_rank_arg=local_rank) is None and cfg.world_size > 1:
+            env = detect(local_rank_arg=local_rank)
+            if cfg.pipeline.replicas == "auto" and env is None:  # measured here, once; the ranks get the counts
+                if not cfg.pipeline.devices:
+                    raise ConfigError("pipeline.replicas=auto needs the number of ranks to lay out: give "
+                                      "--pipeline.devices=N, or start the job with a launcher (torchrun, srun)")
+                from bimdist.distributed.placement import resolve_auto
+
+                setup_logging("launcher")
+                cfg = resolve_auto(cfg, devices=cfg.pipeline.devices)
+                argv = [*argv, f"--pipeline.replicas={list(cfg.replica_counts)}"]
+            if env is None and cfg.world_size > 1:
                 from bimdist.distributed.launch import launch_standalone
 
                 return launch_standalone(cfg, argv)  # spawns the ranks; imports no model code itself
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "doctor":
             from bimdist.doctor import doctor
 
-            return doctor(load_config(args.config, rest), json_path=args.json)
+            return doctor(load_config(args.config, rest), json_path=args.json, devices=args.devices)
         if args.verb == "export":
             from bimdist.export import export
 

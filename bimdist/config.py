@@ -144,7 +144,11 @@ class OptimConfig(Section):
 
 class PipelineConfig(Section):
     stages: int = Field(1, gt=0, description="stage processes per replica; each owns blocks/stages blocks")
-    replicas: int = Field(1, gt=0, description="data-parallel copies of every stage")
+    replicas: int | list[int] | Literal["auto"] = Field(
+        1, description="data-parallel copies of each stage: one count for every stage, a list with one count per "
+        "stage ([3, 2, 2, 1]: world size = the sum), or auto: counts chosen from measured stage costs for "
+        "the world size the launcher gives (standalone: pipeline.devices)")
+    devices: int | None = Field(None, gt=0, description="with replicas: auto and no launcher, the ranks to lay out")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     wire_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -306,8 +310,23 @@ class Config(Section):
         if m.blocks % p.stages:
             raise ValueError(f"model.blocks={m.blocks} does not split over pipeline.stages={p.stages}; "
                              "use a divisor of the block count")
-        if d.batch_size % p.replicas:
-            raise ValueError(f"data.batch_size={d.batch_size} is not divisible by pipeline.replicas={p.replicas}")
+        if p.replicas != "auto":
+            counts = self.replica_counts
+            if isinstance(p.replicas, list) and len(p.replicas) != p.stages:
+                raise ValueError(f"pipeline.replicas {p.replicas} has {len(p.replicas)} counts but pipeline.stages is "
+                                 f"{p.stages}; give one count per stage (or one int for every stage)")
+            if any(c < 1 for c in counts):
+                raise ValueError(f"pipeline.replicas {p.replicas}: every stage needs at least 1 replica")
+            bad = [c for c in counts if d.batch_size % c]
+            if bad:
+                raise ValueError(f"data.batch_size={d.batch_size} does not split over pipeline.replicas {p.replicas} "
+                                 f"(not divisible by {bad[0]}); each stage splits the global batch over its replicas")
+            if p.engine == "deepspeed" and len(set(counts)) > 1:
+                raise ValueError(f"pipeline.engine=deepspeed needs the same replica count on every stage (DeepSpeed "
+                                 f"asserts one data-parallel size), got {p.replicas}; use the torch engine")
+        elif p.engine == "deepspeed":
+            raise ValueError("pipeline.replicas=auto can choose uneven counts, which pipeline.engine=deepspeed cannot "
+                             "run; give the counts, or use the torch engine")
         if d.source == "shards" and not d.train_shards:
             raise ValueError("data.source is 'shards' but data.train_shards is empty; "
                              "run `bimdist data prepare` and set data.train_shards, or use data.source=synthetic")
@@ -316,8 +335,17 @@ class Config(Section):
         return self
 
     @property
+    def replica_counts(self) -> tuple[int, ...]:
+        """One replica count per stage (``pipeline.replicas`` as given; not for ``auto`` before it is resolved)."""
+        r = self.pipeline.replicas
+        if r == "auto":
+            raise ConfigError("pipeline.replicas=auto is resolved when the job starts (bimdist doctor --devices N "
+                              "shows the layout it would choose)")
+        return tuple(r) if isinstance(r, list) else (r,) * self.pipeline.stages
+
+    @property
     def world_size(self) -> int:
-        return self.pipeline.stages * self.pipeline.replicas
+        return sum(self.replica_counts)
 
     @property
     def lr(self) -> float:

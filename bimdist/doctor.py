@@ -68,7 +68,7 @@ def preflight(cfg: Config, report: Report, *, workers: int) -> None:
     d = cfg.data
     if d.source == "shards":
         try:
-            stream = ShardStream(d.train_shards or "", seed=0, replica=0, replicas=cfg.pipeline.replicas,
+            stream = ShardStream(d.train_shards or "", seed=0, replica=0, replicas=1,
                                  shuffle_buffer=1, stats=DataStats(), epochs=1)
         except DataError as e:
             raise DoctorError(f"data.train_shards={d.train_shards!r}: {e}") from None
@@ -89,7 +89,7 @@ def preflight(cfg: Config, report: Report, *, workers: int) -> None:
     if workers:
         m = cfg.model
         sample = m.in_chans * m.img_size**2
-        need = workers * 2 * chunk_size(d.batch_size // cfg.pipeline.replicas, sample) * sample
+        need = workers * 2 * chunk_size(d.batch_size // cfg.replica_counts[0], sample) * sample
         try:
             free = shutil.disk_usage("/dev/shm").free
         except OSError:
@@ -110,7 +110,7 @@ def stage_step_s(cfg: Config, stage: int, *, device: torch.device, threads: int)
 
     torch.set_num_threads(threads)
     m = cfg.model
-    local = cfg.data.batch_size // cfg.pipeline.replicas
+    local = cfg.data.batch_size // cfg.replica_counts[stage]
     blocks = blocks_of_stage(m.blocks, cfg.pipeline.stages, stage) if cfg.method == "bim" else [0]
     worker = StageWorker(cfg, blocks, device=device)
     drops = cfg.masking.extra_drop or [0.0] * m.blocks
@@ -146,7 +146,7 @@ def data_samples_per_s(cfg: Config, *, workers: int, seconds: float = 8.0) -> fl
     from bimdist.data.batches import train_batches
     from bimdist.data.stream import DataStats, Position
 
-    it = train_batches(cfg, replica=0, replicas=cfg.pipeline.replicas, start_step=0, start=Position(),
+    it = train_batches(cfg, replica=0, replicas=cfg.replica_counts[0], start_step=0, start=Position(),
                        stats=DataStats(), workers=workers)
     try:
         next(it)  # worker start-up
@@ -161,7 +161,7 @@ def data_samples_per_s(cfg: Config, *, workers: int, seconds: float = 8.0) -> fl
         it.close()
 
 
-def diagnose(cfg: Config) -> Report:
+def diagnose(cfg: Config, *, devices: int | None = None) -> Report:
     """The whole check; DoctorError for what the job cannot do without."""
     from bimdist.distributed.probe import link_bytes_per_s
 
@@ -191,26 +191,34 @@ def diagnose(cfg: Config) -> Report:
     f = report.figures
     if p.stages > 1:
         if device.type == "cpu":
-            devices = ("cpu", "cpu")
+            pair = ("cpu", "cpu")
         else:  # two GPUs when the job has one per rank; ranks that share a GPU share it here too
-            devices = ("cuda:0", "cuda:1") if backend == "nccl" and len(gpus) > 1 else ("cuda:0", "cuda:0")
+            pair = ("cuda:0", "cuda:1") if backend == "nccl" and len(gpus) > 1 else ("cuda:0", "cuda:0")
         shapes = message_shapes(cfg, 0)
         f["message_bytes"] = sum(torch.Size(s).numel() * getattr(torch, d).itemsize for s, d in shapes)
-        f["link_bytes_per_s"] = link_bytes_per_s(backend=backend, devices=devices, shapes=shapes, staging=staging)
+        f["link_bytes_per_s"] = link_bytes_per_s(backend=backend, devices=pair, shapes=shapes, staging=staging)
         report.add("link (2 ranks, bimdist transport)", f"{f['link_bytes_per_s'] / 1e9:.2f} GB/s for messages of "
                                                         f"{f['message_bytes'] / 1e6:.2f} MB ({backend})")
     f["data_samples_per_s"] = data_samples_per_s(cfg, workers=workers)
     report.add("stage 0 data", f"{f['data_samples_per_s']:,.0f} samples/s with {workers} data workers")
-    f["stage_step_s"], timed = [], 0
+    f["stage_step_s"], timed = [], []
+    counts = cfg.replica_counts
     for stage in range(p.stages if cfg.method == "bim" else 1):
-        step, timed = stage_step_s(cfg, stage, device=device, threads=threads)
+        step, n = stage_step_s(cfg, stage, device=device, threads=threads)
         f["stage_step_s"].append(step)
-    local_batch = cfg.data.batch_size // p.replicas
-    report.add("stage step times", ", ".join(f"{t:.3f}" for t in f["stage_step_s"]) + f" s at batch {local_batch}"
-               + (f" (timed at {timed}, scaled)" if timed != local_batch else "") + f", {threads} torch threads")
+        timed.append(n)
+    locals_ = [cfg.data.batch_size // c for c in counts]
+    report.add("stage step times", ", ".join(f"{t:.3f}" for t in f["stage_step_s"]) + " s at batch "
+               + ", ".join(map(str, locals_[: len(f["stage_step_s"])]))
+               + (f" (timed at {timed}, scaled)" if timed != locals_[: len(timed)] else "") + f", {threads} torch "
+               "threads")
     predict(cfg, f, workers=workers)
-    report.add("predicted pipeline rate", f"{f['samples_per_s']:,.0f} samples/s ({p.stages} stages x "
-                                          f"{p.replicas} replicas), limited by {f['limited_by']}")
+    shape = f"{p.stages} stages x {counts[0]} replicas" if len(set(counts)) == 1 else f"replicas {list(counts)}"
+    slowest = f" (stage {f['slowest_stage']})" if f["slowest_stage"] is not None else ""
+    report.add("predicted pipeline rate", f"{f['samples_per_s']:,.0f} samples/s ({shape}), limited by "
+                                          f"{f['limited_by']}{slowest}")
+    if devices is not None:
+        layouts(cfg, report, devices=devices, workers=workers)
     plan = restart_plan(cfg, supervised=True)
     f["restart_alone"] = {"alone": plan.alone, "fits": plan.fits, "log_steps": plan.log_steps,
                           "needed_steps": plan.needed_steps}
@@ -219,23 +227,57 @@ def diagnose(cfg: Config) -> Report:
 
 
 def predict(cfg: Config, f: dict, *, workers: int) -> None:
-    """Per-sample times of each part, the slowest one, and the rate it allows."""
-    local = cfg.data.batch_size // cfg.pipeline.replicas
-    compute = [t / local for t in f["stage_step_s"]]
+    """Per-sample times of each part, the slowest one, and the rate it allows. A stage with R replicas does the
+    global batch R times as fast; the link between two stages carries min(R_s, R_s+1) messages side by side."""
+    counts = cfg.replica_counts
+    batch = cfg.data.batch_size
+    compute = [t / (batch // counts[s]) for s, t in enumerate(f["stage_step_s"])]  # one replica, per sample
     data = 1 / f["data_samples_per_s"]
     if workers == 0:  # stage 0 builds its batches on its own cores, next to its compute
         compute[0] += data
-    parts = {"compute": max(compute), "data": data if workers else 0.0,
-             "link": f["message_bytes"] / local / f["link_bytes_per_s"] if "link_bytes_per_s" in f else 0.0}
-    f["per_sample_s"] = parts
-    f["limited_by"] = max(parts, key=parts.get)
-    f["samples_per_s"] = cfg.pipeline.replicas / parts[f["limited_by"]]
+    f["stage_cost_s"] = compute  # per sample on one device: what the placement balances
+    rates = {f"compute of stage {s}": counts[s] / c for s, c in enumerate(compute)}
+    if workers:
+        rates["data"] = counts[0] / data
+    if "link_bytes_per_s" in f:
+        per_sample = f["message_bytes"] / (batch // counts[0])
+        rates["link"] = min(counts[0], counts[1] if len(counts) > 1 else counts[0]) * f["link_bytes_per_s"] / per_sample
+    f["rates"] = rates
+    f["per_sample_s"] = {k: 1 / v for k, v in rates.items()}
+    limited = min(rates, key=rates.get)
+    f["limited_by"] = "compute" if limited.startswith("compute") else limited
+    f["slowest_stage"] = int(limited.rsplit(" ", 1)[1]) if limited.startswith("compute") else None
+    f["samples_per_s"] = rates[limited]
 
 
-def doctor(cfg: Config, *, json_path: Path | None = None) -> int:
+def layouts(cfg: Config, report: Report, *, devices: int, workers: int) -> None:
+    """The best replica counts for ``devices`` ranks from the measured stage costs, against equal counts."""
+    from bimdist.distributed.placement import choose_counts, rate
+
+    f = report.figures
+    costs = f["stage_cost_s"]
+    best = choose_counts(costs, devices, cfg.data.batch_size)
+    f["layout"] = {"devices": devices, "counts": list(best.counts), "samples_per_s": best.samples_per_s,
+                   "slowest_stage": best.slowest}
+    report.add(f"layout for {devices} devices", best.line())
+    stages = len(costs)
+    if devices % stages == 0 and cfg.data.batch_size % (devices // stages) == 0:
+        even = (devices // stages,) * stages
+        r, slow = rate(costs, even)
+        f["layout"]["uniform"] = {"counts": list(even), "samples_per_s": r}
+        report.add("  equal counts", f"replicas {list(even)}: {r:,.0f} samples/s predicted, limited by stage {slow} "
+                                     f"(chosen / equal: {best.samples_per_s / r:.2f}x)")
+
+
+def doctor(cfg: Config, *, json_path: Path | None = None, devices: int | None = None) -> int:
     t0 = time.perf_counter()
     try:
-        report = diagnose(cfg)
+        if cfg.pipeline.replicas == "auto":  # plan for the devices asked for (or, failing that, one per stage)
+            from bimdist.distributed.placement import with_counts
+
+            cfg = with_counts(cfg, 1)
+            devices = devices or cfg.pipeline.devices or cfg.pipeline.stages
+        report = diagnose(cfg, devices=devices)
     except (DoctorError, ConfigError, TimeoutError) as e:
         print(f"bimdist doctor: {e}", file=sys.stderr, flush=True)
         return 2

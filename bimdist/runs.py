@@ -21,7 +21,7 @@ def run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
 
 def store_for(cfg: Config, run_dir: Path) -> CheckpointStore:
     return CheckpointStore(Path(run_dir) / "checkpoints", fingerprint=cfg.fingerprint(), blocks=unit_indices(cfg),
-                           replicas=cfg.pipeline.replicas, keep=cfg.checkpoint.keep)
+                           replicas=cfg.replica_counts[0], keep=cfg.checkpoint.keep)
 
 
 def load_units(cfg: Config, run_dir: Path, *, step: int | None = None) -> tuple[list[BlockUnit], int]:

@@ -73,24 +73,46 @@ class Chunk:
     encoded: dict[int, tuple[torch.Tensor, CropParams]] = field(default_factory=dict)  # cuda: raw -> (bytes, crop)
 
 
-def make_stream(cfg: Config, *, replica: int, replicas: int, stats: DataStats) -> ShardStream | SyntheticStream:
+def make_stream(cfg: Config, *, stats: DataStats) -> ShardStream | SyntheticStream:
+    """The run's one global stream: every stage-0 replica reads it whole (its order, not its pixels)."""
     d = cfg.data
     if d.source == "synthetic":
-        return SyntheticStream(size=d.synthetic_size, seed=cfg.run.seed, epochs=d.epochs, replica=replica,
-                               replicas=replicas, batch=d.batch_size)
+        return SyntheticStream(size=d.synthetic_size, seed=cfg.run.seed, epochs=d.epochs)
     assert d.train_shards is not None  # enforced by the config validator
-    return ShardStream(d.train_shards, seed=cfg.run.seed, replica=replica, replicas=replicas,
-                       shuffle_buffer=d.shuffle_buffer, stats=stats, epochs=d.epochs)
+    return ShardStream(d.train_shards, seed=cfg.run.seed, replica=0, replicas=1, shuffle_buffer=d.shuffle_buffer,
+                       stats=stats, epochs=d.epochs)
 
 
 class RawChunks:
-    """The DataLoader's sampler: one replica's stream from ``start``, cut into chunks, read in the rank."""
+    """The DataLoader's sampler: this replica's rows ``[lo, hi)`` of every global batch of the global stream, from
+    ``start`` (a global batch boundary), cut into chunks, read in the rank.
 
-    def __init__(self, stream: ShardStream | SyntheticStream, *, start: Position, stats: DataStats, size: int):
+    Every replica reads the same order and keeps only its rows, so the global batch is the same for any replica
+    count, and the position after a batch is the global stream's after the *whole* global batch: the last sample of
+    each batch carries that position, a resume point for any layout."""
+
+    def __init__(self, stream: ShardStream | SyntheticStream, *, start: Position, stats: DataStats, size: int,
+                 rows: tuple[int, int] | None = None, batch: int | None = None):
         self.stream, self.start, self.stats, self.size = stream, start, stats, size
+        self.rows, self.batch = rows, batch
+
+    def _mine(self) -> Iterator[tuple[Position, RawSample]]:
+        it = self.stream.iterate(self.start)
+        if self.rows is None or self.batch is None:
+            yield from it
+            return
+        lo, hi = self.rows
+        while True:
+            whole = list(islice(it, self.batch))  # the global batch's raw samples (references, not pixels)
+            if len(whole) < self.batch:
+                return  # the data ended: the partial global batch is dropped by every replica alike
+            mine = whole[lo:hi]
+            boundary = whole[-1][0]
+            yield from mine[:-1]
+            yield boundary, mine[-1][1]
 
     def __iter__(self) -> Iterator[RawChunk]:
-        it = self.stream.iterate(self.start)
+        it = self._mine()
         index = 0
         while True:
             samples = list(islice(it, self.size))
@@ -194,12 +216,14 @@ def _worker_init(_worker: int, *, parent: int) -> None:
 
 def loader(cfg: Config, *, replica: int, replicas: int, start: Position, workers: int, stats: DataStats,
            encoded: bool = False) -> DataLoader:
-    """Decoded chunks of one replica's stream, in order; the rank reads the stream (``stats`` counts its shard
-    errors), ``workers`` processes decode."""
+    """Decoded chunks of one replica's rows of the global stream, in order; the rank reads the stream (``stats``
+    counts its shard errors), ``workers`` processes decode."""
     m = cfg.model
-    size = chunk_size(cfg.data.batch_size // replicas, m.in_chans * m.img_size**2)
-    chunks = RawChunks(make_stream(cfg, replica=replica, replicas=replicas, stats=stats), start=start, stats=stats,
-                       size=size)
+    local = cfg.data.batch_size // replicas
+    size = chunk_size(local, m.in_chans * m.img_size**2)
+    rows = (replica * local, (replica + 1) * local) if replicas > 1 else None
+    chunks = RawChunks(make_stream(cfg, stats=stats), start=start, stats=stats, size=size, rows=rows,
+                       batch=cfg.data.batch_size)
     decoder = ChunkDecoder(cfg, encoded=encoded)
     if workers == 0:
         return DataLoader(decoder, sampler=chunks, batch_size=None, num_workers=0)

@@ -144,13 +144,10 @@ class ShardStream:
 
 
 class SyntheticStream:
-    """The synthetic source in one global order (sample i is a function of the seed and i); replica r takes rows
-    ``r*local:(r+1)*local`` of every global batch of ``batch`` samples."""
+    """The synthetic source in one global order (sample i is a function of the seed and i)."""
 
-    def __init__(self, *, size: int, seed: int, epochs: int | None = None, replica: int = 0, replicas: int = 1,
-                 batch: int = 1):
+    def __init__(self, *, size: int, seed: int, epochs: int | None = None):
         self.size, self.seed, self.epochs = size, seed, epochs
-        self.replica, self.local, self.batch = replica, batch // replicas, batch
 
     def iterate(self, start: Position) -> Iterator[tuple[Position, RawSample]]:
         epoch = start.epoch
@@ -159,8 +156,7 @@ class SyntheticStream:
             order = torch.randperm(self.size, generator=g).tolist()
             skip = start.offset if epoch == start.epoch else 0
             for j in range(skip, self.size):
-                if ((epoch * self.size + j) % self.batch) // self.local == self.replica:  # global batches span epochs
-                    yield Position(epoch, j + 1), RawSample((epoch, j, 0), {"synthetic": order[j]})
+                yield Position(epoch, j + 1), RawSample((epoch, j, 0), {"synthetic": order[j]})
             epoch += 1
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from bimdist.distributed.env import RankEnv
 from bimdist.distributed.topology import Coord, Topology, check_world
-from bimdist.distributed.transport import PeerError
+from bimdist.distributed.transport import PeerError, Route
 
 log = logging.getLogger("bimdist.comm")
 
@@ -40,7 +40,7 @@ TRY_S = 15.0  # one rendezvous try; a member that is there joins within it, one 
 
 def peer_name(topo: Topology, rank: int) -> str:
     c = topo.coord(rank)
-    if topo.replicas > 1:
+    if max(topo.counts) > 1:
         return f"stage {c.stage} replica {c.replica} (rank {rank})"
     return f"stage {c.stage} (rank {rank})"
 
@@ -182,8 +182,8 @@ class StageComm:
     backend: str
     incarnation: int = 0
     recoverable: bool = False  # a dead neighbour is waited for (its supervisor restarts it), not fatal
-    prev: Link | None = None
-    next: Link | None = None
+    prev: list[Route] = field(default_factory=list)  # a link from each previous-stage replica holding our rows
+    next: list[Route] = field(default_factory=list)  # a link to each next-stage replica taking some of them
     replicas: ReplicaGroup | None = None  # None with a single replica
     dp_group: Any = None  # registered world subgroups, for DeepSpeed's engine only
     mp_group: Any = None
@@ -196,13 +196,13 @@ class StageComm:
 
 def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.device, startup_timeout_s: float,
               peer_timeout_s: float, generation: int = 0, engine_groups: bool = False,
-              recoverable: bool = False) -> StageComm:
+              recoverable: bool = False, batch: int = 1, store: dist.Store | None = None) -> StageComm:
     """Connect this rank's links (and its stage's replica group) through the job's store.
 
     ``engine_groups``: also join the world and build DeepSpeed's groups (a replica group per stage, a one-rank
     group per rank), which DeepSpeed asks for through its ``mpu``."""
-    check_world(env.world_size, topo.stages, topo.replicas)
-    store = job_store(env, timeout_s=startup_timeout_s, generation=generation)
+    check_world(env.world_size, topo.stages, topo.counts)
+    store = store or job_store(env, timeout_s=startup_timeout_s, generation=generation)
 
     def client() -> dist.Store:
         """A connection of its own: a TCPStore client serves one request at a time, and a group's rendezvous
@@ -216,18 +216,22 @@ def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.devic
     if engine_groups:
         _world_groups(comm, env, store, backend=backend, startup_timeout_s=startup_timeout_s,
                       peer_timeout_s=peer_timeout_s)
-    prev, nxt = topo.prev_rank(env.rank), topo.next_rank(env.rank)
-    if prev is not None:
-        comm.prev = Link(client(), sender=prev, receiver=env.rank, me=env.rank, peer_label=peer_name(topo, prev),
-                         backend=backend, timeout_s=peer_timeout_s, device=device)
-    if nxt is not None:
-        comm.next = Link(client(), sender=env.rank, receiver=nxt, me=env.rank, peer_label=peer_name(topo, nxt),
-                         backend=backend, timeout_s=peer_timeout_s, device=device)
-    if topo.replicas > 1 and not engine_groups:
+    lo, _ = topo.rows(comm.coord.stage, comm.coord.replica, batch)
+    for piece in topo.upstream(env.rank, batch):  # rows relative to this rank's own
+        rows = None if topo.uniform else (piece.start - lo, piece.stop - lo)
+        comm.prev.append(Route(Link(client(), sender=piece.peer, receiver=env.rank, me=env.rank,
+                                    peer_label=peer_name(topo, piece.peer), backend=backend, timeout_s=peer_timeout_s,
+                                    device=device), rows))
+    for piece in topo.downstream(env.rank, batch):
+        rows = None if topo.uniform else (piece.start - lo, piece.stop - lo)
+        comm.next.append(Route(Link(client(), sender=env.rank, receiver=piece.peer, me=env.rank,
+                                    peer_label=peer_name(topo, piece.peer), backend=backend, timeout_s=peer_timeout_s,
+                                    device=device), rows))
+    if topo.counts[comm.coord.stage] > 1 and not engine_groups:
         comm.replicas = ReplicaGroup(client(), members=topo.stage_group(comm.coord.stage), me=env.rank,
                                      name=f"replicas/{comm.coord.stage}", backend=backend, timeout_s=peer_timeout_s,
                                      device=device)
-        if inc == 0:  # a restarted replica joins its group at the step the others wait at (train.replicas)
+        if inc == 0:  # a restarted replica connects while it agrees with the others where to restart (loop)
             comm.replicas.connect(timeout_s=startup_timeout_s)
     return comm
 

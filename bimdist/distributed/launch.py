@@ -26,7 +26,7 @@ from typing import Any
 from bimdist.config import Config
 from bimdist.distributed.restart_plan import restart_plan
 from bimdist.distributed.topology import Topology
-from bimdist.train.signals import EXIT_ERROR, EXIT_OK, EXIT_PEER, EXIT_PREEMPTED
+from bimdist.train.signals import EXIT_ERROR, EXIT_OK, EXIT_PEER, EXIT_PREEMPTED, EXIT_RESTART
 
 log = logging.getLogger("bimdist.launch")
 
@@ -54,13 +54,16 @@ def launch_standalone(cfg: Config, argv: list[str]) -> int:
     setup_logging("launcher")
     prepare_run_dir(cfg, write=True)
     print(cfg.to_yaml(), flush=True)
-    topo = Topology(cfg.pipeline.stages, cfg.pipeline.replicas)
+    topo = Topology(cfg.pipeline.stages, list(cfg.replica_counts))
     restarts = cfg.pipeline.stage_restarts if cfg.pipeline.engine == "torch" else 0
     plan = restart_plan(cfg, supervised=True)
-    return spawn_local(argv, topo, grace_s=cfg.pipeline.peer_timeout_s + 30, restarts=restarts, policy=plan.line)
+    log.info("rank layout (rank=stage/replica[rows of the global batch]): %s", topo.layout(cfg.data.batch_size))
+    return spawn_local(argv, topo, grace_s=cfg.pipeline.peer_timeout_s + 30, restarts=restarts, policy=plan.line,
+                       batch=cfg.data.batch_size)
 
 
-def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: int = 0, policy: str = "") -> int:
+def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: int = 0, policy: str = "",
+                batch: int = 1) -> int:
     """Run and supervise every rank on this machine; returns the job's exit code. ``policy``: what happens to a
     dead stage, for the start-up line."""
     from datetime import timedelta
@@ -72,7 +75,7 @@ def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: in
     store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
     job = dist.PrefixStore("bimdist/gen0/", store)  # the ranks' namespace (bimdist.distributed.groups.job_store)
     supervisor = Supervisor(argv, topo, port=store.port, restarts=restarts, grace_s=grace_s, job_store=job,
-                            board=ControlBoard(job), policy=policy)
+                            board=ControlBoard(job), policy=policy, batch=batch)
     previous = {s: signal.signal(s, supervisor.forward) for s in FORWARDED}
     try:
         return supervisor.run()
@@ -87,11 +90,11 @@ ABORT_GRACE_S = 10.0  # after an abort every rank ends by itself within a second
 
 class Supervisor:
     def __init__(self, argv: list[str], topo: Topology, *, port: int, restarts: int, grace_s: float,
-                 job_store: Any = None, board: Any = None, policy: str = ""):
+                 job_store: Any = None, board: Any = None, policy: str = "", batch: int = 1):
         """``job_store``: the ranks' store namespace, where a stage says whether its next stage can still restart
         alone (``alone/RANK``); ``board``: the control board on it, where a job-ending abort is posted."""
         self.argv, self.topo, self.port, self.restarts, self.grace_s = argv, topo, port, restarts, grace_s
-        self.job_store, self.board, self.policy = job_store, board, policy
+        self.job_store, self.board, self.policy, self.batch = job_store, board, policy, batch
         self.procs: list[subprocess.Popen] = []
         self.incarnations = [0] * topo.world_size
         self.deaths: list[list[int]] = [[] for _ in range(topo.world_size)]  # exit codes of dead incarnations
@@ -120,8 +123,10 @@ class Supervisor:
         policy = self.policy or (f"a dead stage is restarted alone up to {self.restarts} times" if self.restarts
                                  else "no per-stage restart (pipeline.stage_restarts=0, or the DeepSpeed engine): a "
                                  "dead stage ends the job")
-        log.info("spawned %d local ranks (%d stages x %d replicas), pids %s; %s", self.topo.world_size,
-                 self.topo.stages, self.topo.replicas, [p.pid for p in self.procs], policy)
+        shape = (f"{self.topo.stages} stages x {self.topo.counts[0]} replicas" if self.topo.uniform else
+                 f"{self.topo.stages} stages, replicas {list(self.topo.counts)}")
+        log.info("spawned %d local ranks (%s), pids %s; %s", self.topo.world_size, shape,
+                 [p.pid for p in self.procs], policy)
         first_failure: tuple[int, int] | None = None
         deadline: float | None = None
         while True:
@@ -157,7 +162,8 @@ class Supervisor:
 
     def _restart(self, rank: int, code: int) -> bool:
         """Start a dead rank again if its failure is one a restart can cure and it has restarts left."""
-        curable = code < 0 or code == EXIT_ERROR  # killed, or crashed; not bad input, missing data or a full disk
+        # killed, crashed, or restarting with its stage's lost replica; not bad input, missing data or a full disk
+        curable = code < 0 or code in (EXIT_ERROR, EXIT_RESTART)
         if not curable or self.stopping or not self.restarts:
             return False  # without per-stage restart the neighbours see the failure and stop by themselves
         unfed = self._unrestartable(rank)
@@ -180,22 +186,26 @@ class Supervisor:
         return True
 
     def _unrestartable(self, rank: int) -> str | None:
-        """Why a restart of ``rank`` alone could not be fed (the stage before it said so), else None."""
+        """Why a restart of ``rank`` alone could not be fed (a replica before it said so), else None."""
         if self.job_store is None:
             return None
-        try:
-            if not self.job_store.check([f"alone/{rank}"]):
-                return None
-            value = self.job_store.get(f"alone/{rank}").decode().split(maxsplit=3)
-        except Exception:  # noqa: BLE001 - the store is this process's own; a hiccup means "no news"
-            return None
-        if value[0] == "1":
-            return None
-        c = self.topo.coord(rank)
-        hint = value[3] if len(value) > 3 else "raise pipeline.replay_disk_mb or checkpoint more often"
-        return (f"it would resume at step {value[1]} (its newest checkpoint that can feed the next stage, or the "
-                f"run's start), but stage {c.stage - 1} keeps steps from {value[2]} on in its replay log (its disk cap "
-                f"was reached); {hint}")
+        for piece in self.topo.upstream(rank, self.batch):
+            key = f"alone/{rank}/{piece.peer}"
+            try:
+                if not self.job_store.check([key]):
+                    continue
+                value = self.job_store.get(key).decode().split(maxsplit=3)
+            except Exception:  # noqa: BLE001 - the store is this process's own; a hiccup means "no news"
+                continue
+            if value[0] == "1":
+                continue
+            up = self.topo.coord(piece.peer)
+            who = f"stage {up.stage}" + (f" replica {up.replica}" if max(self.topo.counts) > 1 else "")
+            hint = value[3] if len(value) > 3 else "raise pipeline.replay_disk_mb or checkpoint more often"
+            return (f"it would resume at step {value[1]} (its newest checkpoint that can feed the next stage, or the "
+                    f"run's start), but {who} keeps steps from {value[2]} on in its replay log (its disk cap was "
+                    f"reached); {hint}")
+        return None
 
     def _watch_restartable(self) -> None:
         """Say once per rank, when it first happens, that a stage can no longer be restarted alone."""

@@ -20,7 +20,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int16": 2, "int32": 4
 def message_shapes(cfg: Config, stage: int) -> list[tuple[tuple[int, ...], str]]:
     """What stage ``stage`` sends per step: visible tokens (fp32 or the wire dtype), the masking order, the pixels."""
     m = cfg.model
-    local = cfg.data.batch_size // cfg.pipeline.replicas
+    local = cfg.data.batch_size // cfg.replica_counts[stage]  # the sender's rows: the most one route carries
     blocks = blocks_of_stage(m.blocks, cfg.pipeline.stages, stage)
     drops = cfg.masking.extra_drop or [0.0] * m.blocks
     nxt = visible_counts(m.num_patches, cfg.masking.mask_ratio, drops)[blocks[-1] + 1]

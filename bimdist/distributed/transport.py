@@ -61,6 +61,10 @@ class Unfeedable(PeerError):
     """A restarted stage needs messages that are gone: waiting cannot cure it."""
 
 
+class ReplicaLost(PeerError):
+    """Another replica of this stage died: every replica restarts from the stage's common checkpoint (exact)."""
+
+
 class _PeerRestarted(RuntimeError):
     """A neighbour came back while this end of the link was idle at the end of the stream."""
 
@@ -159,20 +163,43 @@ def unpack(specs: list[tuple[torch.dtype, tuple[int, ...]]], payload: torch.Tens
     return out
 
 
+@dataclass
+class Route:
+    """One neighbour: its link and which of this rank's local rows travel on it (None: all of them)."""
+
+    link: Any  # groups.Link
+    rows: tuple[int, int] | None = None
+
+
+ROW_TENSORS = 3  # tokens, masking order, pixels: cut by rows between stages with different replica counts
+
+
+def _routes(x: Any) -> list[Route]:
+    if x is None:
+        return []
+    if isinstance(x, list):
+        return [r if isinstance(r, Route) else Route(r) for r in x]
+    return [x if isinstance(x, Route) else Route(x)]
+
+
 class Transport:
+    """This rank's links: one route to each replica of the next stage that takes some of its rows, and one from each
+    replica of the previous stage that holds some; with equal replica counts, one of each. ``send`` cuts a message
+    by rows for the routes out; ``recv`` puts this rank's rows back together from the routes in."""
+
     def __init__(
         self,
         *,
         device: torch.device,
-        prev: Any = None,  # groups.Link to the previous stage
-        next: Any = None,  # groups.Link to the next stage
+        prev: Any = None,  # a groups.Link, or a list of Routes, from the previous stage
+        next: Any = None,  # the same, to the next stage
         max_in_flight: int,
         prefetch: int,
         peer_timeout_s: float,
         startup_timeout_s: float,
         host_staging: bool = False,
         recoverable: bool = False,
-        replay: ReplayLog | None = None,
+        replay: ReplayLog | Callable[[int], ReplayLog] | None = None,
         store: Any = None,
         rank: int | None = None,
         label: str = "the stage before it",
@@ -181,245 +208,319 @@ class Transport:
     ):
         """``host_staging``: tensors cross through host buffers (pinned on a GPU), for a backend that cannot send
         device tensors: gloo between ranks that share a GPU. ``recoverable``: a dead neighbour is waited for (its
-        supervisor restarts it). ``replay``: the log of sent messages (None: kept only until sent). ``store``: the
-        job's store, where the next stage publishes the restart point that prunes the log, and this one whether
-        that stage can still restart alone (``alone/RANK``). ``rank``: this rank, for the end-of-stream keys;
-        ``label``: this stage, for messages.
-        ``on_fatal``: told, once, of a failure no waiting can cure. ``replay_hint``: the settings that would have
-        kept what a restart needed, for that message."""
+        supervisor restarts it). ``replay``: the log of sent messages, or a factory of one per next-stage peer rank
+        (None: kept only until sent). ``store``: the job's store, where each next-stage rank publishes the restart
+        point that prunes its log, and this one whether it can still restart alone (``alone/PEER/RANK``).
+        ``rank``: this rank, for the end-of-stream keys; ``label``: this stage, for messages. ``on_fatal``: told,
+        once, of a failure no waiting can cure. ``replay_hint``: the settings that would have kept what a restart
+        needed, for that message."""
         self.device = device
         self.staging = host_staging
         self.wire = torch.device("cpu") if host_staging else device  # where the bytes are when they are sent
         self.pin = host_staging and device.type == "cuda"
-        self.prev, self.next = prev, next
         self.peer_timeout = peer_timeout_s
         self.startup_timeout = startup_timeout_s
+        self.max_in_flight, self.prefetch = max_in_flight, prefetch
         self.recoverable, self.store, self.rank, self.label = recoverable, store, rank, label
         self.on_fatal, self.replay_hint = on_fatal, replay_hint
-        self.log = replay or ReplayLog(memory_bytes=1 << 62, spill_path=Path(os.devnull), keep=False)
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        self._closed = threading.Event()
+
+        def log_for(peer: int) -> ReplayLog:
+            if callable(replay) and not isinstance(replay, ReplayLog):
+                return replay(peer)
+            if replay is not None:
+                return replay
+            return ReplayLog(memory_bytes=1 << 62, spill_path=Path(os.devnull), keep=False)
+
+        self.senders = [_Sender(self, r, log_for(r.link.peer)) for r in _routes(next)]
+        self.receivers = [_Receiver(self, r) for r in _routes(prev)]
         self.send_wait_s = 0.0
         self.recv_wait_s = 0.0
-        self.sent_messages = 0
-        self.replayed = 0  # messages sent again after the next stage came back
-        self.reconnects = 0
-        self.delivered = -1  # newest step the next stage has been sent (it may not have consumed it yet)
-        self.dropped = 0  # messages received again and dropped by step number
-        self._outbox: queue.Queue[tuple[Message, Any] | None] = queue.Queue(maxsize=max_in_flight)
-        self._inbox: queue.Queue[Message | BaseException] = queue.Queue(maxsize=prefetch)
-        self._send_error: BaseException | None = None
-        self._in_flight = 0
-        self._lock = threading.Lock()
-        self._got_first = False
-        self._need: int | None = None  # the next stage's first wanted step, from the handshake
-        self._need_known = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sender: threading.Thread | None = None
-        self._closed = threading.Event()
-        self._progress = time.monotonic()  # the sender's last send, reconnect or start of its wait at the end
-        self._next_done = False  # the next stage finished before this end connected: nothing to send it
-        self._restart_point: int | None = None  # the next stage's, as last read from the store
-        self.next_restartable: bool | None = None  # whether the log still holds what a restart of it needs
-        self._alone_refresh = 0.0
+
+    # ---- figures, summed over the routes -----------------------------------------------------------------
+    @property
+    def bytes_sent(self) -> int:
+        return sum(s.bytes_sent for s in self.senders)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(r.bytes_received for r in self.receivers)
+
+    @property
+    def replayed(self) -> int:
+        return sum(s.replayed for s in self.senders)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.senders)
+
+    @property
+    def replay_bytes(self) -> int:
+        return sum(s.log.bytes for s in self.senders)
+
+    @property
+    def delivered(self) -> int:
+        """The newest step every next-stage peer has been sent (it may not have consumed it yet)."""
+        return min((s.delivered for s in self.senders), default=-1)
+
+    @property
+    def next_restartable(self) -> bool | None:
+        flags = [s.restartable for s in self.senders if s.restartable is not None]
+        return all(flags) if flags else None
+
+    @property
+    def sent_messages(self) -> int:
+        return sum(s.sent_messages for s in self.senders)
+
+    @property
+    def dropped(self) -> int:
+        return sum(r.dropped for r in self.receivers)
 
     # ---- starting --------------------------------------------------------------------------------------------
     def start_sending(self) -> None:
-        """Connect to the next stage (it says which step it needs first) and start the sender thread."""
-        if self.next is not None:
-            self._sender = threading.Thread(target=self._send_loop, name="bimdist-send", daemon=True)
-            self._sender.start()
-            self._threads.append(self._sender)
+        """Connect to the next stage's peers (each says which step it needs first) and start their sender threads."""
+        for s in self.senders:
+            s.start()
 
     def next_stage_needs(self) -> int | None:
-        """The first step the next stage asked for (waits for the handshake); None without a next stage."""
-        if self.next is None:
-            return None
-        if not self._need_known.wait(self.startup_timeout + 5.0):
-            raise PeerError(f"{self.next.peer_label} did not say which step it needs within "
-                            f"{self.startup_timeout:.0f} s")
-        self._raise_send_error()
-        return self._need
+        """The first step the next stage asked for (the earliest over its peers; waits for the handshakes); None
+        without a next stage."""
+        needs = [s.needs() for s in self.senders]
+        return min(needs) if needs else None
 
     def start_receiving(self, first_step: int) -> None:
-        """Connect to the previous stage, ask for ``first_step`` onwards, and start the receiver thread."""
-        if self.prev is not None:
-            t = threading.Thread(target=self._recv_loop, args=(first_step,), name="bimdist-recv", daemon=True)
-            t.start()
-            self._threads.append(t)
+        """Connect to the previous stage's peers, ask each for ``first_step`` onwards, start the receiver threads."""
+        for r in self.receivers:
+            r.start(first_step)
 
     # ---- public API (compute thread) ----------------------------------------------------------------------
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
     def send(self, msg: Message) -> None:
-        """Queue ``msg`` for the next stage; blocks only while ``max_in_flight`` sends are pending."""
-        assert self.next is not None, "the last stage has no next stage"
-        self._raise_send_error()
+        """Queue ``msg`` (cut by rows) for the next stage's peers; blocks only while ``max_in_flight`` sends are
+        pending on a route. Tensors after the row tensors (the live monitor's) go on the first route only."""
+        assert self.senders, "the last stage has no next stage"
         ready = None
-        if self.device.type == "cuda":  # the sender thread waits for the producing kernels, not the host
+        if self.device.type == "cuda":  # the sender threads wait for the producing kernels, not the host
             ready = torch.cuda.Event()
             ready.record()
         t0 = time.perf_counter()
-        with self._lock:
-            self._in_flight += 1
         try:
-            self._put((msg, ready), what="accepted no message")
+            for i, s in enumerate(self.senders):
+                s.put(_cut(msg, s.rows, extras=i == 0), ready)
         finally:
             self.send_wait_s += time.perf_counter() - t0
 
-    def _put(self, item: tuple[Message, Any] | None, *, what: str) -> None:
-        """Queue for the sender thread; fail as soon as the sender failed, or after the peer timeout (twice that
-        when the next stage may be restarting: its restart, then its catching up)."""
-        assert self.next is not None
-        deadline = time.monotonic() + self.peer_timeout * (2 if self.recoverable else 1)
-        while True:
-            self._raise_send_error()
-            try:
-                self._outbox.put(item, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-                return
-            except queue.Full:
-                if time.monotonic() >= deadline:
-                    raise PeerError(f"{self.next.peer_label} {what} for {self.peer_timeout:.0f} s "
-                                    "(stalled or dead; pipeline.peer_timeout_s)") from None
-
     def recv(self) -> Message:
-        """The next message from the previous stage (prefetched), or PeerError after the timeout."""
-        assert self.prev is not None, "stage 0 receives nothing"
-        timeout = self.peer_timeout if self._got_first else self.startup_timeout
-        if self.recoverable:  # the previous stage may be restarting: a restart and a replay fit in another timeout
-            timeout += self.peer_timeout
+        """This rank's rows of the next message, from every previous-stage peer (prefetched), or PeerError."""
+        assert self.receivers, "stage 0 receives nothing"
         t0 = time.perf_counter()
         try:
-            item = self._inbox.get(timeout=timeout + 5.0)  # the receiver thread times out first
-        except queue.Empty:
-            raise PeerError(f"{self.prev.peer_label} sent nothing for {timeout:.0f} s (silent or dead)") from None
+            pieces = [r.get() for r in self.receivers]
         finally:
             self.recv_wait_s += time.perf_counter() - t0
-        if isinstance(item, BaseException):
-            raise item
-        self._got_first = True
-        return item
+        if len(pieces) == 1:
+            return pieces[0]
+        first = pieces[0]
+        if any((p.kind, p.step) != (first.kind, first.step) for p in pieces):
+            got = [(p.kind, p.step) for p in pieces]
+            raise PeerError(f"the previous stage's replicas sent different steps for one batch: {got}")
+        if first.kind == END:
+            return first
+        tensors = [torch.cat([p.tensors[i] for p in pieces]) for i in range(ROW_TENSORS)]
+        extras = next((p.tensors[ROW_TENSORS:] for p in pieces if len(p.tensors) > ROW_TENSORS), [])
+        return Message(first.kind, first.step, tensors + extras, first.reason)
 
     def close(self) -> None:
-        """Deliver every queued send (bounded by the peer timeout), then stop the sender thread."""
+        """Deliver every queued send (bounded by the peer timeout), then stop the sender threads."""
         self._closed.set()
-        if self._sender is not None:
-            self._put(None, what="did not drain the last messages")
-            # the sender may still replay to a restarted next stage, or wait for it to finish: bounded by the time
-            # since it last made progress, not by a total
-            bound = self.peer_timeout * (2 if self.recoverable else 1) + 5.0
-            while self._sender.is_alive() and time.monotonic() - self._progress < bound:
-                self._sender.join(timeout=1.0)
-            if self._sender.is_alive():
-                raise PeerError(f"{self.next.peer_label} did not receive the last messages within "
-                                f"{self.peer_timeout:.0f} s")
-            self._raise_send_error()
-        self.log.close()
+        for s in self.senders:
+            s.close()
 
-    # ---- communication threads ----------------------------------------------------------------------------
-    def _raise_send_error(self) -> None:
-        if self._send_error is not None:
-            raise self._send_error
-
-    def _recover(self, link: Any, e: BaseException, what: str) -> None:
+    # ---- shared by the threads ----------------------------------------------------------------------------
+    def recover(self, link: Any, e: BaseException, what: str) -> None:
         """A neighbour failed: when its supervisor restarts it, wait for it and rebuild the link; else raise."""
         if not self.recoverable:
             raise PeerError(f"{what} {link.peer_label} failed: {_short(e)}") from None
         log.warning("%s %s failed (%s); waiting up to %.0f s for it to be restarted", what, link.peer_label,
                     _short(e), self.peer_timeout)
         link.wait_for_restart(timeout_s=self.peer_timeout)
-        self.reconnects += 1
         log.warning("reconnected to %s (incarnation %s)", link.peer_label, link.incarnations[link.peer_index])
 
-    def _handshake_recv(self, link: Any) -> int:
-        need = torch.zeros(1, dtype=torch.int64, device=self.wire)
-        link.group.recv([need], link.peer_index, TAG_HANDSHAKE).wait(timedelta(seconds=self.startup_timeout))
-        return int(need.item())
+    @property
+    def ends_kept(self) -> bool:
+        """The two ends of a link stay for each other at the end of the stream (recovery is on)."""
+        return self.recoverable and self.rank is not None
 
-    def _send_loop(self) -> None:
-        link = self.next
+
+def _cut(msg: Message, rows: tuple[int, int] | None, *, extras: bool) -> Message:
+    """The part of ``msg`` one route carries: its rows of the row tensors (views), and the rest on one route."""
+    if msg.kind != DATA or (rows is None and extras):
+        return msg
+    row = msg.tensors[:ROW_TENSORS] if rows is None else [t[rows[0] : rows[1]] for t in msg.tensors[:ROW_TENSORS]]
+    return Message(msg.kind, msg.step, row + (msg.tensors[ROW_TENSORS:] if extras else []), msg.reason)
+
+
+class _Sender:
+    """One route to a next-stage peer: its thread, its bounded outbox and its replay log."""
+
+    def __init__(self, t: Transport, route: Route, replay: ReplayLog):
+        self.t, self.link, self.rows, self.log = t, route.link, route.rows, replay
+        self.outbox: queue.Queue[tuple[Message, Any] | None] = queue.Queue(maxsize=t.max_in_flight)
+        self.error: BaseException | None = None
+        self.in_flight = 0
+        self.lock = threading.Lock()
+        self.need: int | None = None  # the peer's first wanted step, from the handshake
+        self.need_known = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.progress = time.monotonic()  # the last send, reconnect or start of the wait at the end
+        self.peer_done = False  # the peer finished before this end connected: nothing to send it
+        self.restart_point: int | None = None  # the peer's, as last read from the store
+        self.restartable: bool | None = None  # whether the log still holds what a restart of the peer needs
+        self.alone_refresh = 0.0
+        self.delivered = -1  # newest step the peer has been sent
+        self.bytes_sent = self.sent_messages = self.replayed = 0
+
+    # ---- the compute thread's side ------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="bimdist-send", daemon=True)
+        self.thread.start()
+
+    def needs(self) -> int:
+        if not self.need_known.wait(self.t.startup_timeout + 5.0):
+            raise PeerError(f"{self.link.peer_label} did not say which step it needs within "
+                            f"{self.t.startup_timeout:.0f} s")
+        self._raise()
+        assert self.need is not None
+        return self.need
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, msg: Message, ready: Any) -> None:
+        self._raise()
+        with self.lock:
+            self.in_flight += 1
+        self._put((msg, ready), what="accepted no message")
+
+    def _put(self, item: tuple[Message, Any] | None, *, what: str) -> None:
+        """Queue for the sender thread; fail as soon as it failed, or after the peer timeout (twice that when the
+        peer may be restarting: its restart, then its catching up)."""
+        t = self.t
+        deadline = time.monotonic() + t.peer_timeout * (2 if t.recoverable else 1)
+        while True:
+            self._raise()
+            try:
+                self.outbox.put(item, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+                return
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    raise PeerError(f"{self.link.peer_label} {what} for {t.peer_timeout:.0f} s "
+                                    "(stalled or dead; pipeline.peer_timeout_s)") from None
+
+    def close(self) -> None:
+        t = self.t
+        if self.thread is not None:
+            self._put(None, what="did not drain the last messages")
+            # the thread may still replay to a restarted peer, or wait for it to finish: bounded by the time since
+            # it last made progress, not by a total
+            bound = t.peer_timeout * (2 if t.recoverable else 1) + 5.0
+            while self.thread.is_alive() and time.monotonic() - self.progress < bound:
+                self.thread.join(timeout=1.0)
+            if self.thread.is_alive():
+                raise PeerError(f"{self.link.peer_label} did not receive the last messages within "
+                                f"{t.peer_timeout:.0f} s")
+            self._raise()
+        self.log.close()
+
+    # ---- the thread ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        link = self.link
         try:
-            next_step = self._open_next(link)
+            next_step = self._open()
         except Exception as e:  # noqa: BLE001
-            self._send_error = e if isinstance(e, PeerError) else PeerError(
+            self.error = e if isinstance(e, PeerError) else PeerError(
                 f"connecting to {link.peer_label} failed: {_short(e)}")
-            self._need_known.set()
+            self.need_known.set()
             return
-        self._need = next_step
-        self._need_known.set()
+        self.need = next_step
+        self.need_known.set()
         closing = False
         while True:
             try:
-                if self._next_done:
+                if self.peer_done:
                     self._discard_until_closed()
                     return
-                next_step, ended = self._drain(link, next_step)
-                if ended and self.recoverable:
-                    self._linger(link)
+                next_step, ended = self._drain(next_step)
+                if ended and self.t.recoverable:
+                    self._linger()
                 if ended or closing:
                     self._leave()
                     return
-                item = self._outbox.get()
+                item = self.outbox.get()
                 if item is None:  # close(): every queued message is in the log; send what is left, then stop
                     closing = True
                     continue
                 msg, ready = item
                 if ready is not None:
                     ready.synchronize()
-                header, payload = pack(msg, self.wire, pin=self.pin)
+                header, payload = pack(msg, self.t.wire, pin=self.t.pin)
                 host = payload if payload.device.type == "cpu" else payload.cpu()
                 self.log.append(msg.step, header.cpu(), host)
                 self._publish_restartable()  # the disk cap may have dropped what a restart needs
-                with self._lock:
-                    self._in_flight -= 1
+                with self.lock:
+                    self.in_flight -= 1
             except Unfeedable as e:
-                self._send_error = e
+                self.error = e
                 log.error("%s", e)
-                if self.on_fatal is not None:
-                    self.on_fatal(str(e))
+                if self.t.on_fatal is not None:
+                    self.t.on_fatal(str(e))
                 return
             except Exception as e:  # noqa: BLE001 - any failure here means the peer link is gone
                 try:
-                    self._recover(link, e, "sending to")
-                    self._progress = time.monotonic()
+                    self.t.recover(link, e, "sending to")
+                    self.progress = time.monotonic()
                     before = next_step
-                    next_step = self._handshake_recv(link)
+                    next_step = self._handshake(link)
                     self.replayed += max(0, before - next_step)
                 except Exception as fatal:  # noqa: BLE001
-                    self._send_error = fatal if isinstance(fatal, PeerError) else PeerError(_short(fatal))
-                    log.error("%s", self._send_error)
+                    self.error = fatal if isinstance(fatal, PeerError) else PeerError(_short(fatal))
+                    log.error("%s", self.error)
                     return
 
-    def _open_next(self, link: Any) -> int:
-        """Connect to the next stage and learn the first step it needs; a next stage that already finished (this
-        stage was restarted at the very end) needs nothing."""
-        store = link.store
-        if self.recoverable and self.rank is not None:
-            if link.connect(timeout_s=self.startup_timeout, give_up=lambda: peer_done(store, link.peer) is not None):
-                return self._handshake_recv(link)
+    def _handshake(self, link: Any) -> int:
+        need = torch.zeros(1, dtype=torch.int64, device=self.t.wire)
+        link.group.recv([need], link.peer_index, TAG_HANDSHAKE).wait(timedelta(seconds=self.t.startup_timeout))
+        return int(need.item())
+
+    def _open(self) -> int:
+        """Connect to the peer and learn the first step it needs; a peer that already finished (this stage was
+        restarted at the very end) needs nothing."""
+        link, store = self.link, self.link.store
+        if self.t.ends_kept:
+            if link.connect(timeout_s=self.t.startup_timeout, give_up=lambda: peer_done(store, link.peer) is not None):
+                return self._handshake(link)
             done = peer_done(store, link.peer)
             assert done is not None
-            self._next_done = True
+            self.peer_done = True
             log.info("%s already finished at step %d: nothing to send it", link.peer_label, done[0])
             return done[0] + 1
-        link.connect(timeout_s=self.startup_timeout)
-        return self._handshake_recv(link)
+        link.connect(timeout_s=self.t.startup_timeout)
+        return self._handshake(link)
 
     def _discard_until_closed(self) -> None:
-        """The next stage has everything: take what the compute thread sends without sending it, until close()."""
-        while self._outbox.get() is not None:
-            with self._lock:
-                self._in_flight -= 1
-        self.delivered = max(self.delivered, self._need or 0)
+        """The peer has everything: take what the compute thread sends without sending it, until close()."""
+        while self.outbox.get() is not None:
+            with self.lock:
+                self.in_flight -= 1
+        self.delivered = max(self.delivered, self.need or 0)
 
-    def _linger(self, link: Any) -> None:
-        """After END: stay until the next stage says it finished, so that if it dies in its last steps its restart
-        is fed from the log (``_PeerRestarted`` sends this thread back to the replay). Bounded: twice the peer
-        timeout after the last message went out."""
-        store, deadline = link.store, time.monotonic() + 2 * self.peer_timeout
-        self._progress = time.monotonic()
+    def _linger(self) -> None:
+        """After END: stay until the peer says it finished, so that if it dies in its last steps its restart is fed
+        from the log (``_PeerRestarted`` sends this thread back to the replay). Bounded: twice the peer timeout
+        after the last message went out."""
+        link = self.link
+        store, deadline = link.store, time.monotonic() + 2 * self.t.peer_timeout
+        self.progress = time.monotonic()
         known = link.incarnations[link.peer_index]
         while time.monotonic() < deadline:
             try:
@@ -431,27 +532,28 @@ class Transport:
                 raise _PeerRestarted(f"{link.peer_label} was restarted after the end of the stream")
             time.sleep(0.2)
         log.warning("%s did not say it finished within %.0f s of the end of the stream; not waiting longer",
-                    link.peer_label, 2 * self.peer_timeout)
+                    link.peer_label, 2 * self.t.peer_timeout)
 
     def _leave(self) -> None:
-        """Say this sender stopped waiting: a restart of the next stage can no longer be fed from here."""
-        if self.recoverable and self.rank is not None:
+        """Say this sender stopped waiting: a restart of the peer can no longer be fed from here."""
+        if self.t.ends_kept:
             try:
-                self.next.store.set(f"left/{self.rank}", "1")
+                self.link.store.set(f"left/{self.t.rank}", "1")
             except Exception:  # noqa: BLE001
                 pass
 
-    def _drain(self, link: Any, next_step: int) -> tuple[int, bool]:
+    def _drain(self, next_step: int) -> tuple[int, bool]:
         """Send every logged message from ``next_step`` on; (the next step to send, whether END went out)."""
+        link = self.link
         oldest = self.log.oldest()
         if oldest is not None and oldest > next_step:
             if self.log.keep:
                 capped = self.log.capped_below is not None and self.log.capped_below > next_step
                 raise Unfeedable(
-                    f"{link.peer_label} cannot restart alone: it needs step {next_step}, but {self.label} keeps "
+                    f"{link.peer_label} cannot restart alone: it needs step {next_step}, but {self.t.label} keeps "
                     f"steps from {oldest} on in its replay log"
-                    + (" (its disk cap was reached)" if capped else "") + (f"; {self.replay_hint}"
-                                                                           if self.replay_hint else ""))
+                    + (" (its disk cap was reached)" if capped else "")
+                    + (f"; {self.t.replay_hint}" if self.t.replay_hint else ""))
             log.warning("pipeline.replay is off: %s missed steps %d..%d, which are gone; it resumes at step %d",
                         link.peer_label, next_step, oldest - 1, oldest)
             next_step = oldest
@@ -460,16 +562,16 @@ class Transport:
             assert entry is not None
             header, payload = entry
             kind = int(header[2])
-            if self.wire.type != "cpu":
-                header, payload = header.to(self.wire), payload.to(self.wire)
-            timeout = timedelta(seconds=self.peer_timeout)
+            if self.t.wire.type != "cpu":
+                header, payload = header.to(self.t.wire), payload.to(self.t.wire)
+            timeout = timedelta(seconds=self.t.peer_timeout)
             works = [link.group.send([header], link.peer_index, TAG_DATA)]
             if payload.numel():
                 works.append(link.group.send([payload], link.peer_index, TAG_DATA))
             for w in works:
                 w.wait(timeout)
             self.bytes_sent += header.numel() * 8 + payload.numel()
-            self._progress = time.monotonic()
+            self.progress = time.monotonic()
             self.sent_messages += 1
             self.delivered = next_step
             self.log.sent(next_step)
@@ -480,132 +582,160 @@ class Transport:
         return next_step, False
 
     def _prune(self) -> None:
-        """Drop what the next stage can no longer ask for: everything before its published restart point."""
-        if self.store is None or not self.log.keep:
+        """Drop what the peer can no longer ask for: everything before its published restart point."""
+        if self.t.store is None or not self.log.keep:
             return
-        key, store = f"rp/{self.next.peer}", self.next.store  # the link's own store connection: this thread's
+        key, store = f"rp/{self.link.peer}", self.link.store  # the link's own store connection: this thread's
         try:
             if store.check([key]):
-                self._restart_point = int(store.get(key))
-                self.log.prune(self._restart_point)
+                self.restart_point = int(store.get(key))
+                self.log.prune(self.restart_point)
         except Exception:  # noqa: BLE001 - a store hiccup only delays pruning
             pass
         self._publish_restartable()
 
     def _publish_restartable(self) -> None:
-        """``alone/NEXT_RANK`` in the job's store: "1" while the log holds every step from the next stage's restart
-        point on, else "0 RESTART_POINT OLDEST_KEPT HINT" (refreshed every second while so); its supervisor then
+        """``alone/PEER/RANK`` in the job's store: "1" while the log holds every step from the peer's restart point
+        on, else "0 RESTART_POINT OLDEST_KEPT HINT" (refreshed every second while so); the peer's supervisor then
         ends the job instead of restarting it."""
-        if self.store is None or not self.log.keep:
+        t = self.t
+        if t.store is None or not self.log.keep:
             return
-        point = self._restart_point if self._restart_point is not None else 0
+        point = self.restart_point if self.restart_point is not None else 0
         ok = self.log.restartable(point)
         now = time.monotonic()
-        if ok == self.next_restartable and (ok or now < self._alone_refresh):
+        if ok == self.restartable and (ok or now < self.alone_refresh):
             return
-        if ok != self.next_restartable:
+        peer = self.link.peer_label
+        if ok != self.restartable:
             if not ok:
                 log.warning("%s can no longer restart alone: its restart point is step %d but the replay log keeps "
                             "steps from %s on (its disk cap was reached); until its next checkpoint a dead %s ends "
-                            "the job (%s)", self.next.peer_label, point, self.log.oldest(), self.next.peer_label,
-                            self.replay_hint)
-            elif self.next_restartable is False:
-                log.info("%s can restart alone again (restart point step %d)", self.next.peer_label, point)
-        self.next_restartable, self._alone_refresh = ok, now + 1.0
-        value = "1" if ok else f"0 {point} {self.log.oldest()} {self.replay_hint}"
+                            "the job (%s)", peer, point, self.log.oldest(), peer, t.replay_hint)
+            elif self.restartable is False:
+                log.info("%s can restart alone again (restart point step %d)", peer, point)
+        self.restartable, self.alone_refresh = ok, now + 1.0
+        value = "1" if ok else f"0 {point} {self.log.oldest()} {t.replay_hint}"
         try:
-            self.next.store.set(f"alone/{self.next.peer}", value)
+            self.link.store.set(f"alone/{self.link.peer}/{t.rank}", value)
         except Exception:  # noqa: BLE001
             pass
 
-    def _recv_loop(self, first_step: int) -> None:
-        link = self.prev
+
+class _Receiver:
+    """One route from a previous-stage peer: its thread and its bounded inbox."""
+
+    def __init__(self, t: Transport, route: Route):
+        self.t, self.link, self.rows = t, route.link, route.rows
+        self.inbox: queue.Queue[Message | BaseException] = queue.Queue(maxsize=t.prefetch)
+        self.got_first = False
+        self.bytes_received = self.dropped = 0
+
+    def start(self, first_step: int) -> None:
+        threading.Thread(target=self._loop, args=(first_step,), name="bimdist-recv", daemon=True).start()
+
+    def get(self) -> Message:
+        t = self.t
+        timeout = t.peer_timeout if self.got_first else t.startup_timeout
+        if t.recoverable:  # the peer may be restarting: a restart and a replay fit in another timeout
+            timeout += t.peer_timeout
+        try:
+            item = self.inbox.get(timeout=timeout + 5.0)  # the receiver thread times out first
+        except queue.Empty:
+            raise PeerError(f"{self.link.peer_label} sent nothing for {timeout:.0f} s (silent or dead)") from None
+        if isinstance(item, BaseException):
+            raise item
+        self.got_first = True
+        return item
+
+    def _loop(self, first_step: int) -> None:
+        t, link = self.t, self.link
         expected, first = first_step, True
         try:
-            if not self._open_prev(link, expected):
+            if not self._open(expected):
                 return
         except Exception as e:  # noqa: BLE001
-            if isinstance(e, Unfeedable) and self.on_fatal is not None:
+            if isinstance(e, Unfeedable) and t.on_fatal is not None:
                 log.error("%s", e)
-                self.on_fatal(str(e))
-            self._inbox.put(e if isinstance(e, PeerError) else PeerError(f"connecting to {link.peer_label} "
-                                                                         f"failed: {_short(e)}"))
+                t.on_fatal(str(e))
+            self.inbox.put(e if isinstance(e, PeerError) else PeerError(f"connecting to {link.peer_label} "
+                                                                        f"failed: {_short(e)}"))
             return
         while True:
-            wait = timedelta(seconds=self.startup_timeout if first else self.peer_timeout)
-            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
+            wait = timedelta(seconds=t.startup_timeout if first else t.peer_timeout)
+            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=t.wire)
             try:
                 link.group.recv([header], link.peer_index, TAG_DATA).wait(wait)
                 kind, step, reason, specs, nbytes = parse_header(header)
-                payload = torch.empty(nbytes, dtype=torch.uint8, device=self.wire, pin_memory=self.pin)
+                payload = torch.empty(nbytes, dtype=torch.uint8, device=t.wire, pin_memory=t.pin)
                 if nbytes:
-                    link.group.recv([payload], link.peer_index, TAG_DATA).wait(timedelta(seconds=self.peer_timeout))
+                    link.group.recv([payload], link.peer_index, TAG_DATA).wait(timedelta(seconds=t.peer_timeout))
             except PeerError as e:
-                self._inbox.put(e)
+                self.inbox.put(e)
                 return
             except Exception as e:  # noqa: BLE001
                 try:
-                    self._recover(link, e, "receiving from")
-                    self._handshake_send(link, expected)
+                    t.recover(link, e, "receiving from")
+                    self._handshake(expected)
                     continue
                 except Exception as fatal:  # noqa: BLE001
-                    self._inbox.put(fatal if isinstance(fatal, PeerError) else PeerError(_short(fatal)))
+                    self.inbox.put(fatal if isinstance(fatal, PeerError) else PeerError(_short(fatal)))
                     return
             first = False
             self.bytes_received += header.numel() * 8 + payload.numel()
-            if step < expected:  # the previous stage replays from its log: this one is here already
+            if step < expected:  # the peer replays from its log: this one is here already
                 self.dropped += 1
                 continue
             expected = step + 1
             tensors = unpack(specs, payload)
-            if self.staging:  # host -> device, queued on the stream the compute thread uses, so it runs first
-                tensors = [t.to(self.device, non_blocking=self.pin, copy=True) for t in tensors]
-            self._inbox.put(Message(kind=kind, step=step, reason=reason, tensors=tensors))
+            if t.staging:  # host -> device, queued on the stream the compute thread uses, so it runs first
+                tensors = [x.to(t.device, non_blocking=t.pin, copy=True) for x in tensors]
+            self.inbox.put(Message(kind=kind, step=step, reason=reason, tensors=tensors))
             if kind == END:
-                if self.recoverable:
-                    self._linger_recv(link, expected)
+                if t.recoverable:
+                    self._linger(expected)
                 return
 
-    def _open_prev(self, link: Any, first_step: int) -> bool:
-        """Connect to the previous stage and ask for ``first_step`` on. A previous stage that has already left (this
-        stage was restarted at the very end) can still end the stream here when this stage's checkpoint is at its
-        end; otherwise the steps this stage needs are gone (``Unfeedable``). False when nothing is to be received."""
-        store = link.store
-        if not (self.recoverable and self.rank is not None):
-            link.connect(timeout_s=self.startup_timeout)
-            self._handshake_send(link, first_step)
+    def _handshake(self, need: int) -> None:
+        x = torch.tensor([need], dtype=torch.int64, device=self.t.wire)
+        self.link.group.send([x], self.link.peer_index, TAG_HANDSHAKE).wait(timedelta(seconds=self.t.startup_timeout))
+
+    def _open(self, first_step: int) -> bool:
+        """Connect to the peer and ask for ``first_step`` on. A peer that has already left (this stage was restarted
+        at the very end) can still end the stream here when this stage's checkpoint is at its end; otherwise the
+        steps this stage needs are gone (``Unfeedable``). False when nothing is to be received."""
+        link, store = self.link, self.link.store
+        if not self.t.ends_kept:
+            link.connect(timeout_s=self.t.startup_timeout)
+            self._handshake(first_step)
             return True
-        if link.connect(timeout_s=self.startup_timeout, give_up=lambda: peer_left(store, link.peer)):
-            self._handshake_send(link, first_step)
+        if link.connect(timeout_s=self.t.startup_timeout, give_up=lambda: peer_left(store, link.peer)):
+            self._handshake(first_step)
             return True
         done = peer_done(store, link.peer)
         if done is not None and done[0] == first_step:
             log.info("%s already finished at step %d, where this stage resumes: the stream ends here",
                      link.peer_label, first_step)
-            self._inbox.put(Message(kind=END, step=first_step, reason=done[1]))
+            self.inbox.put(Message(kind=END, step=first_step, reason=done[1]))
             return False
         raise Unfeedable(f"this stage restarted at step {first_step} but {link.peer_label} has already left "
                          f"(finished at step {done[0] if done else '?'}): the steps in between cannot be recomputed")
 
-    def _linger_recv(self, link: Any, expected: int) -> None:
-        """After END, until this stage closes: answer a restarted previous stage's handshake (it needs nothing more
-        from here than to learn that this stage has the whole stream)."""
-        store = link.store
+    def _linger(self, expected: int) -> None:
+        """After END, until this stage closes: answer a restarted peer's handshake (it needs nothing more from here
+        than to learn that this stage has the whole stream)."""
+        link = self.link
         known = link.incarnations[link.peer_index]
-        while not self._closed.wait(0.2):
-            if peer_incarnation(store, link.peer) > known:
+        while not self.t._closed.wait(0.2):
+            if peer_incarnation(link.store, link.peer) > known:
                 try:
-                    link.wait_for_restart(timeout_s=self.peer_timeout)
-                    self._handshake_send(link, expected)
+                    link.wait_for_restart(timeout_s=self.t.peer_timeout)
+                    self._handshake(expected)
                 except Exception as e:  # noqa: BLE001 - this stage has its stream; the other end decides its fate
                     log.warning("a restart of %s after the end of the stream could not connect: %s",
                                 link.peer_label, _short(e))
                     return
                 known = link.incarnations[link.peer_index]
-
-    def _handshake_send(self, link: Any, need: int) -> None:
-        t = torch.tensor([need], dtype=torch.int64, device=self.wire)
-        link.group.send([t], link.peer_index, TAG_HANDSHAKE).wait(timedelta(seconds=self.startup_timeout))
 
 
 def _short(e: BaseException) -> str:

@@ -207,7 +207,7 @@ class Trainer:
         if self.ema is not None and "ema" in state:
             self.ema.module.load_state_dict(state["ema"])
         log.info("resumed fine-tuning from %s (step %d)", self.store.step_dir(step), step)
-        return step, self.store.load_position(step, 0), list(state.get("history", []))
+        return step, self.store.load_position(step), list(state.get("history", []))
 
     def _train(self, start: int, position: Position, keep: set[str] | None, stop: StopFlag,
                history: list[dict]) -> tuple[int, str]:
@@ -356,7 +356,7 @@ class Trainer:
             if self.ema is not None:
                 state["ema"] = self.ema.module.state_dict()
             self.store.save_block(step, 0, state)
-            self.store.save_position(step, 0, position)
+            self.store.save_position(step, position)
             self.store.finish(step)
             log.info("finetune checkpoint step=%d dir=%s", step, self.store.step_dir(step))
         if self.world > 1:

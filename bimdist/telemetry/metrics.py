@@ -68,6 +68,10 @@ class Metrics:
         self.step_duration = Histogram("bimdist_step_duration_seconds", "Wall time per step", LABELS,
                                        buckets=STEP_BUCKETS, registry=r).labels(**self.labels)
         self.compute = counter("bimdist_compute_seconds", "Time spent computing (forward, backward, step)")
+        self.busy = counter("bimdist_busy_seconds", "Compute time without the replicas' gradient all-reduce: "
+                            "this replica's own work, which a straggler has more of than its stage's others")
+        self.replica_count = gauge("bimdist_stage_replicas", "Data-parallel replicas of this rank's stage")
+        self.replica_count.set(cfg.replica_counts[stage] if cfg.pipeline.replicas != "auto" else 1)
         self.recv_wait = counter("bimdist_recv_wait_seconds", "Time blocked waiting for input (data or upstream)")
         self.data_wait = counter("bimdist_data_wait_seconds", "Stage 0: time blocked waiting for the next batch "
                                  "from its data path (part of recv_wait)")
@@ -136,6 +140,7 @@ class Metrics:
             self.loss.set(sum(finite) / len(finite))
         self.step_duration.observe(rec.step_s)
         self.compute.inc(rec.compute_s)
+        self.busy.inc(max(0.0, rec.compute_s - rec.allreduce_s))
         self.recv_wait.inc(rec.recv_wait_s)
         self.data_wait.inc(rec.data_wait_s)
         self.send_wait.inc(rec.send_wait_s)

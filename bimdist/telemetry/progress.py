@@ -41,6 +41,7 @@ class StepRecord:
     lr: float
     skipped: int  # units whose update was dropped for non-finite gradients
     data_wait_s: float = 0.0  # part of recv_wait_s: stage 0 waiting for its next batch (its data path is slow)
+    allreduce_s: float = 0.0  # part of compute_s: the replicas' gradient all-reduce (waiting for the slowest one)
     bytes_sent: int = 0  # cumulative, from the transport
     bytes_received: int = 0  # cumulative
     in_flight: int = 0  # messages queued or being sent downstream

@@ -4,8 +4,11 @@ Layout under ``RUN_DIR/checkpoints/step_00000100/``::
 
     block_00.pt  block_00.json   # state of block 0 and its sidecar (sha256, size, config fingerprint)
     ...
-    data_r00.json                 # stage-0 replica 0's data stream position
+    data.json     data.meta       # the data stream's position after this step: global, for any layout
     manifest.json                 # written once every expected file is present
+
+(Checkpoints written before the position was global have ``data_rRR.json`` per stage-0 replica instead; they
+still load with the replica count they were written with.)
 
 Stages write their own blocks independently; a step is *complete* when every block and data file and its
 sidecar exist. Resume picks the newest complete step whose hashes verify and warns about any it skips.
@@ -93,7 +96,14 @@ class CheckpointStore:
     def expected(self, step: int) -> list[Path]:
         d = self.step_dir(step)
         blocks = [d / f"block_{b:02d}.pt" for b in self.blocks]
-        return blocks + [d / f"data_r{r:02d}.json" for r in range(self.replicas)]
+        return blocks + self._data_files(step)
+
+    def _data_files(self, step: int) -> list[Path]:
+        d = self.step_dir(step)
+        legacy = [d / f"data_r{r:02d}.json" for r in range(self.replicas)]
+        if not (d / "data.json").exists() and legacy[0].exists():
+            return legacy  # written before the position was global
+        return [d / "data.json"]
 
     @staticmethod
     def sidecar(path: Path) -> Path:
@@ -125,10 +135,11 @@ class CheckpointStore:
         torch.save(payload, buf)
         self._write_with_sidecar(path, buf.getvalue(), {"step": step, "block": block})
 
-    def save_position(self, step: int, replica: int, position: Position) -> None:
-        path = self.step_dir(step) / f"data_r{replica:02d}.json"
-        body = json.dumps({"step": step, "replica": replica, "epoch": position.epoch, "offset": position.offset})
-        self._write_with_sidecar(path, body.encode(), {"step": step, "replica": replica})
+    def save_position(self, step: int, position: Position) -> None:
+        """The global stream's position after ``step`` (stage 0 replica 0 writes it for every replica)."""
+        path = self.step_dir(step) / "data.json"
+        body = json.dumps({"step": step, "epoch": position.epoch, "offset": position.offset})
+        self._write_with_sidecar(path, body.encode(), {"step": step})
 
     def finish(self, step: int, *, protect: frozenset[int] = frozenset()) -> None:
         """Write the manifest once the step is complete, then drop old complete steps beyond ``keep``, except the
@@ -136,7 +147,7 @@ class CheckpointStore:
         if not self.is_complete(step):
             return
         manifest = {"step": step, "fingerprint": self.fingerprint, "blocks": self.blocks,
-                    "replicas": self.replicas, "files": [p.name for p in self.expected(step)]}
+                    "files": [p.name for p in self.expected(step)]}
         atomic_write(self.step_dir(step) / "manifest.json", json.dumps(manifest, indent=1).encode())
         complete = [s for s in self.steps_on_disk() if self.is_complete(s)]
         for old in complete[self.keep :]:
@@ -156,7 +167,7 @@ class CheckpointStore:
         this replica's data position."""
         d = self.step_dir(step)
         files = [d / f"block_{b:02d}.pt" for b in blocks]
-        return files + ([d / f"data_r{replica:02d}.json"] if first else [])
+        return files + (self._data_files(step)[:1] if first else [])
 
     def own_steps(self, blocks: list[int], replica: int, *, first: bool) -> list[int]:
         """Steps, newest first, whose files of this stage are all there and intact: what a stage restarted alone
@@ -215,11 +226,15 @@ class CheckpointStore:
             raise IncompatibleCheckpoint(f"{path} belongs to a different config; use another run.dir or --fresh")
         return state
 
-    def load_position(self, step: int, replica: int) -> Position:
-        path = self.step_dir(step) / f"data_r{replica:02d}.json"
+    def load_position(self, step: int, replica: int = 0) -> Position:
+        """The data position of ``step``: the global one, or (an older checkpoint) this stage-0 replica's own."""
+        path = self.step_dir(step) / "data.json"
         if not path.exists():
-            raise IncompatibleCheckpoint(f"{path} is missing: the checkpoint was written with a different "
-                                         "pipeline.replicas; resume with the same replica count or --fresh")
+            path = self.step_dir(step) / f"data_r{replica:02d}.json"
+            if not path.exists():
+                raise IncompatibleCheckpoint(f"{path} is missing: the checkpoint was written before data positions "
+                                             "were global, with another stage-0 replica count; resume with that "
+                                             "count or --fresh")
         data = json.loads(path.read_text())
         return Position(epoch=int(data["epoch"]), offset=int(data["offset"]))
 

@@ -76,7 +76,7 @@ def build_ds_config(cfg: Config) -> dict[str, Any]:
             close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             problems.append(f"deepspeed config: '{key}' is not a DeepSpeed config key{hint}")
-    global_batch, replicas = cfg.data.batch_size, cfg.pipeline.replicas
+    global_batch, replicas = cfg.data.batch_size, cfg.replica_counts[0]  # equal counts (config check)
     wanted = {"train_batch_size": global_batch, "train_micro_batch_size_per_gpu": global_batch // replicas,
               "gradient_accumulation_steps": 1}
     for key, value in wanted.items():

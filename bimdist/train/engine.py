@@ -11,6 +11,7 @@ window at once.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,7 +21,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from bimdist.config import Config
-from bimdist.distributed.transport import PeerError
+from bimdist.distributed.transport import PeerError, ReplicaLost
 
 
 @dataclass
@@ -28,6 +29,7 @@ class StepStats:
     lr: float
     grad_norm: torch.Tensor | None  # 0-d, on the device; None when neither clipping nor logging needed it
     skipped: torch.Tensor  # 0-d float on the device: 1 when non-finite gradients dropped the update
+    allreduce_s: float = 0.0  # host time in the replicas' gradient all-reduce (waiting for the slowest replica)
 
 
 class Engine(Protocol):
@@ -85,7 +87,7 @@ class TorchEngine:
         self.unit = unit
         self.module: nn.Module = unit
         self.replicas = replicas
-        self.recovery: Any = None  # train.replicas.ReplicaRecovery, when a lost replica is waited for
+        self.recoverable = False  # a lost replica restarts its whole stage (its supervisor restarts single ranks)
         groups = param_groups_weight_decay(unit, cfg.optim.weight_decay)
         # fused: one kernel per step, and it can skip a non-finite step on the device (found_inf)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.optim.betas, fused=True)
@@ -98,13 +100,16 @@ class TorchEngine:
         self.scheduler.step_update(step + 1)  # step + 1: the first step already trains
         loss.backward()  # gradients start from None: every call ends by freeing them
         grads = [p.grad for p in self.params if p.grad is not None]
+        t0 = time.perf_counter()
         if self.replicas is not None:
             try:
                 average_gradients(grads, self.replicas)
-            except Exception as e:  # noqa: BLE001 - a replica died: finish the step with the others, or give up
-                if self.recovery is None:
-                    raise PeerError(f"averaging gradients over the replicas of this stage failed: {e}") from None
-                average_gradients(grads, self.recovery.survive(step))
+            except Exception as e:  # noqa: BLE001 - a replica died: the stage restarts together, or the job ends
+                if self.recoverable:
+                    raise ReplicaLost(f"averaging step {step}'s gradients over the replicas of this stage failed "
+                                      f"({str(e).splitlines()[0][:200]})") from None
+                raise PeerError(f"averaging gradients over the replicas of this stage failed: {e}") from None
+        allreduce_s = time.perf_counter() - t0
         norm = None
         if self.clip is not None:  # foreach clipping scales by min(1, clip / norm) on the device
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
@@ -120,7 +125,8 @@ class TorchEngine:
         # Free the gradients now, not at the next backward: otherwise they sit through the next forward, on top of
         # its activations. Block-wise, only the unit being stepped then holds gradients at all.
         self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(lr=self.optimizer.param_groups[0]["lr"], grad_norm=norm, skipped=self.optimizer.found_inf)
+        return StepStats(lr=self.optimizer.param_groups[0]["lr"], grad_norm=norm, skipped=self.optimizer.found_inf,
+                         allreduce_s=allreduce_s)
 
     def save(self, step: int) -> None:
         pass  # replicas hold identical optimizer states: replica 0's block file carries it

@@ -31,14 +31,13 @@ from bimdist.distributed.env import host_staging
 from bimdist.distributed.groups import StageComm, agree_min, peer_name
 from bimdist.distributed.replay import ReplayLog
 from bimdist.distributed.topology import blocks_of_stage
-from bimdist.distributed.transport import DATA, END, Message, PeerError, Transport
+from bimdist.distributed.transport import DATA, END, Message, PeerError, ReplicaLost, Transport
 from bimdist.model.unit import unit_indices
 from bimdist.telemetry.progress import Progress, StepRecord
 from bimdist.telemetry.trace import Timeline
 from bimdist.train.checkpoint import CheckpointStore
 from bimdist.train.engine import TorchEngine
 from bimdist.train.monitor import load_monitor_set, run_blocks
-from bimdist.train.replicas import ReplicaRecovery
 from bimdist.train.signals import (
     END_DATA,
     END_DONE,
@@ -166,14 +165,19 @@ class StageLoop:
         make = engine_factory or self._engine_factory()
         self.worker = StageWorker(cfg, self.blocks, device=device, engine_factory=make)
         self.store = CheckpointStore(run_dir / "checkpoints", fingerprint=cfg.fingerprint(), blocks=all_units,
-                                     replicas=p.replicas, keep=cfg.checkpoint.keep)
+                                     replicas=cfg.replica_counts[0], keep=cfg.checkpoint.keep)
         self.data_stats = DataStats(log_every=cfg.data.log_corrupt_every)
         self.transport: Transport | None = None
         if comm and (comm.prev or comm.next):
             tag = f"stage{self.stage}_r{self.replica}"
-            replay = ReplayLog(memory_bytes=p.replay_memory_mb << 20, keep=p.replay,
-                               disk_bytes=p.replay_disk_mb << 20,
-                               spill_path=run_dir / "replay" / f"{tag}.i{comm.incarnation}.log")
+
+            def replay(peer: int) -> ReplayLog:  # one per next-stage peer; each has its own restart point
+                to = "" if len(comm.next) == 1 else f".to{peer}"
+                name = f"{tag}{to}.i{comm.incarnation}.log"
+                return ReplayLog(memory_bytes=(p.replay_memory_mb << 20) // max(1, len(comm.next)), keep=p.replay,
+                                 disk_bytes=(p.replay_disk_mb << 20) // max(1, len(comm.next)),
+                                 spill_path=run_dir / "replay" / name)
+
             hint = (f"raise pipeline.replay_disk_mb (now {p.replay_disk_mb}) or checkpoint more often (checkpoint.every"
                     f"={cfg.checkpoint.every}); a whole-job restart resumes from the newest common checkpoint")
             self.transport = Transport(device=device, prev=comm.prev, next=comm.next, max_in_flight=p.max_in_flight,
@@ -182,13 +186,12 @@ class StageLoop:
                                        host_staging=host_staging(p.host_staging, device, comm.backend),
                                        recoverable=comm.recoverable, replay=replay, store=comm.store, rank=comm.rank,
                                        label=peer_name(comm.topo, comm.rank), on_fatal=self._abort, replay_hint=hint)
-        self.recovery: ReplicaRecovery | None = None
         if comm is not None and comm.replicas is not None and comm.recoverable:
-            self.recovery = ReplicaRecovery(comm, self.worker, timeout_s=p.peer_timeout_s, client=comm.client())
-            for engine in self.worker.engines:
-                engine.recovery = self.recovery
+            for engine in self.worker.engines:  # a lost replica restarts the whole stage from a common checkpoint
+                engine.recoverable = True
         self._own_steps: list[int] = []  # this stage's checkpoints on disk, newest first
         self._restart_point = -1  # published: where this stage would resume if restarted alone
+        self._own_point = -1  # this replica's own choice, which its siblings read
         drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
         counts = visible_counts(cfg.model.num_patches, cfg.masking.mask_ratio, drops)
         self.next_visible = counts[self.blocks[-1] + 1] if not self.last else 0
@@ -232,9 +235,6 @@ class StageLoop:
             start, position = self._resume()
         else:
             need = t.next_stage_needs() if t is not None else None
-            if self.recovery is not None:  # the other replicas say where to rejoin them; catch up alone until then
-                log.warning("stage %d replica %d restarted: rejoins its replicas at step %d", self.stage,
-                            self.replica, self.recovery.join_step())
             start, position = self._restart(need)
         if t is not None:
             t.start_receiving(start)
@@ -264,14 +264,27 @@ class StageLoop:
 
     def _restart(self, need: int | None) -> tuple[int, Position]:
         """This stage alone was restarted: its newest own checkpoint that can still feed the next stage exactly
-        (at or before the step it needs), else the start of training."""
-        usable = [s for s in self.store.own_steps(self.blocks, self.replica, first=self.first)
-                  if need is None or s <= need]
-        if not usable:  # restart_point() said so, and the previous stage kept its messages from there
+        (at or before the step it needs), else the start of training. With several replicas the whole stage
+        restarts (a lost replica's step cannot be averaged without it): they agree on the earliest of their choices,
+        which every replica holds and the previous stage still logs from (their published restart points are the
+        stage's earliest too)."""
+        own = self.store.own_steps(self.blocks, self.replica, first=self.first)
+        step = restart_point(own, need)
+        if self.comm is not None and self.comm.replicas is not None:
+            group = self.comm.replicas
+            group.connect(timeout_s=self.cfg.pipeline.startup_timeout_s)
+            agreed = torch.tensor([step], dtype=torch.int64)
+            group.allreduce(agreed, dist.ReduceOp.MIN)
+            if int(agreed.item()) != step:
+                log.info("stage %d replica %d: its replicas restart from step %d (this one could from %d)", self.stage,
+                         self.replica, int(agreed.item()), step)
+            step = int(agreed.item())
+        usable = [s for s in own if s <= step]
+        if step == 0 and 0 not in own:  # restart_point() said so, and the previous stage kept its messages from there
             log.warning("stage %d restarted with no checkpoint of its own at or before step %s: from step 0",
                         self.stage, need)
             return 0, Position()
-        step = usable[0]
+        assert usable and usable[0] == step, (usable, step)
         position = self._load(step)
         log.info("restarted stage %d alone (incarnation %d) from %s (step %d); the next stage needs step %s",
                  self.stage, self.comm.incarnation, self.store.step_dir(step), step, need)
@@ -292,13 +305,22 @@ class StageLoop:
         if self.comm is None or not self.comm.distributed:
             return
         need = self.transport.delivered + 1 if self.transport is not None and self.comm.next else None
-        point = restart_point(self._own_steps, need)
-        if point != self._restart_point:
-            self._restart_point = point
-            try:
-                self.comm.store.set(f"rp/{self.comm.rank}", str(point))
-            except Exception as e:  # noqa: BLE001 - the store may be gone with the supervisor
-                log.debug("could not publish the restart point: %s", e)
+        own = restart_point(self._own_steps, need)
+        store, siblings = self.comm.store, self.comm.topo.stage_group(self.stage)
+        try:
+            if len(siblings) > 1:  # the stage restarts together, from the earliest replica's point: publish that
+                if own != self._own_point:
+                    store.set(f"rpc/{self.comm.rank}", str(own))
+                    self._own_point = own
+                if own > self._restart_point:  # a sibling's may still lag: read them until it does not
+                    keys = [f"rpc/{r}" for r in siblings]
+                    points = [int(store.get(k)) for k in keys if store.check([k])]
+                    own = min([own, *points]) if len(points) == len(siblings) else min(own, self._restart_point)
+            if own != self._restart_point and own >= 0:
+                self._restart_point = own
+                store.set(f"rp/{self.comm.rank}", str(own))
+        except Exception as e:  # noqa: BLE001 - the store may be gone with the supervisor
+            log.debug("could not publish the restart point: %s", e)
 
     def _abort(self, message: str) -> None:
         """A failure no waiting can cure (a restart that cannot be fed): every rank ends now (``AbortWatch``)."""
@@ -340,8 +362,8 @@ class StageLoop:
             rng = torch.get_rng_state()
             for block, state in zip(self.blocks, self.worker.state_dicts()):
                 self.store.save_block(step, block, dict(state, rng=rng))
-        if self.first and position is not None:
-            self.store.save_position(step, self.replica, position)
+        if self.first and self.replica == 0 and position is not None:
+            self.store.save_position(step, position)  # global: the same for every stage-0 replica
         self.store.finish(step, protect=self._protected_steps())
         self.saved_step = step
         if self.comm is not None:
@@ -386,15 +408,16 @@ class StageLoop:
             return END_STOP_AT
         stop = self.stop.requested or (self.board is not None and self.board.stop_requested())
         flags = [int(batch is None), int(stop)]
-        group = self.recovery.current if self.recovery is not None else (self.comm.replicas if self.comm else None)
-        if group is not None and (self.recovery is None or self.recovery.join_at is None):
+        group = self.comm.replicas if self.comm else None
+        if group is not None:
             agreed = torch.tensor(flags, dtype=torch.int64, device=self.device)  # stage-0 replicas agree on both
             try:
                 group.allreduce(agreed, dist.ReduceOp.MAX)
             except Exception as e:  # noqa: BLE001
-                if self.recovery is None:
-                    raise PeerError(f"the stage-0 replicas could not agree on step {step}: {e}") from None
-                self.recovery.survive(step).allreduce(agreed, dist.ReduceOp.MAX)
+                if self.comm is not None and self.comm.recoverable:
+                    raise ReplicaLost(f"the stage-0 replicas could not agree on step {step} "
+                                      f"({str(e).splitlines()[0][:200]})") from None
+                raise PeerError(f"the stage-0 replicas could not agree on step {step}: {e}") from None
             flags = agreed.tolist()
         if flags[1]:
             return END_PREEMPT
@@ -447,7 +470,7 @@ class StageLoop:
         batches: Iterator[Batch] | None = None
         prefetcher: Prefetcher | None = None
         if self.first:
-            replicas = self.comm.topo.replicas if self.comm else 1
+            replicas = self.comm.topo.counts[0] if self.comm else 1
             prefetcher = Prefetcher(train_batches(self.cfg, replica=self.replica, replicas=replicas,
                                                   start_step=start, start=position, stats=self.data_stats,
                                                   workers=self.data_workers, device=self.device),
@@ -458,8 +481,6 @@ class StageLoop:
         last_end = time.perf_counter()
         try:
             while True:
-                if self.recovery is not None:
-                    self.recovery.before_step(step)  # a restarted replica rejoins the others here
                 recv0 = self.transport.recv_wait_s if self.transport else 0.0
                 send0 = self.transport.send_wait_s if self.transport else 0.0
                 t_wait = time.perf_counter()
@@ -513,11 +534,12 @@ class StageLoop:
                     data_wait_s=data_wait,
                     send_wait_s=self.transport.send_wait_s - send0 if self.transport else 0.0,
                     lr=result.lr, skipped=0, corrupt=self.data_stats.corrupt,
+                    allreduce_s=sum(st.allreduce_s for st in result.stats),
                     bytes_sent=self.transport.bytes_sent if self.transport else 0,
                     bytes_received=self.transport.bytes_received if self.transport else 0,
                     in_flight=self.transport.in_flight if self.transport else 0,
                     replayed=self.transport.replayed if self.transport else 0,
-                    replay_log_bytes=self.transport.log.bytes if self.transport else 0,
+                    replay_log_bytes=self.transport.replay_bytes if self.transport else 0,
                     next_restartable=self.transport.next_restartable if self.transport else None,
                     flop=self.step_flop or 0.0, peak_flop_per_s=self.peak_flop_per_s, monitor_knn=monitored,
                 )
@@ -528,8 +550,6 @@ class StageLoop:
                 if logged:
                     losses = self._flush(progress)
                 step += 1
-                if self.recovery is not None:
-                    self.recovery.after_step(step)  # the survivors wait here for a lost replica
                 if self.stop.requested and self.board is not None and not self._stop_posted:
                     self.board.request_stop(self.stop.signal_name or "signal")  # reaches stage 0 wherever it came
                     self._stop_posted = True

@@ -98,9 +98,9 @@ def monitor_cost(cfg: Config, *, n: int = 2) -> float:
                 unit.encoder.norm(x)
             look.append(fc.get_total_flops() / n)
     samples = cfg.eval.monitor_samples + max(1, cfg.eval.monitor_samples // 2)
-    local = cfg.data.batch_size // p.replicas
     ratios = []
     for stage in range(stages):
+        local = cfg.data.batch_size // cfg.replica_counts[stage]
         blocks = blocks_of_stage(len(units), stages, stage) if cfg.method == "bim" else [0]
         ratios.append(sum(look[b] for b in blocks) * samples / (every * local * sum(train[b] for b in blocks)))
     return max(ratios)

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -30,7 +31,7 @@ from bimdist.distributed.groups import init_comm
 from bimdist.distributed.launch import launch_standalone, watch_parent
 from bimdist.distributed.restart_plan import restart_plan
 from bimdist.distributed.topology import Topology, TopologyError, blocks_of_stage, check_world
-from bimdist.distributed.transport import PeerError
+from bimdist.distributed.transport import PeerError, ReplicaLost
 from bimdist.model.unit import unit_indices
 from bimdist.runs import store_for
 from bimdist.telemetry.losslog import LossCSV, plot_losses
@@ -48,6 +49,7 @@ from bimdist.train.signals import (
     EXIT_ERROR,
     EXIT_OK,
     EXIT_PEER,
+    EXIT_RESTART,
     StopFlag,
 )
 
@@ -83,8 +85,17 @@ def restart_count() -> int:
 
 def train(cfg: Config, argv: list[str], *, fresh: bool = False, local_rank_arg: int | None = None,
           observers: list[Observer] | None = None) -> int:
-    topo = Topology(cfg.pipeline.stages, cfg.pipeline.replicas)
     env = detect(local_rank_arg=local_rank_arg)
+    store = None
+    if cfg.pipeline.replicas == "auto" and env is not None:  # rank 0 measures and chooses; the others read it
+        from bimdist.distributed.groups import job_store
+        from bimdist.distributed.placement import resolve_auto
+
+        setup_logging(f"rank={env.rank}")
+        store = job_store(env, timeout_s=cfg.pipeline.startup_timeout_s, generation=restart_count())
+        cfg = resolve_auto(cfg, devices=env.world_size, store=store, rank=env.rank,
+                           timeout_s=cfg.pipeline.startup_timeout_s)
+    topo = Topology(cfg.pipeline.stages, list(cfg.replica_counts))
     if cfg.pipeline.engine == "deepspeed":
         from bimdist.train.ds_engine import build_ds_config
 
@@ -101,11 +112,14 @@ def train(cfg: Config, argv: list[str], *, fresh: bool = False, local_rank_arg: 
     setup_logging(tag)
     if fresh and restart_count() > 0:
         fresh = False  # a restarted job must resume, not set its own checkpoints aside again
-    job = RankJob(cfg, env, topo)
+    job = RankJob(cfg, env, topo, store=store)
     try:
         return job.run(fresh=fresh, observers=observers or [])
     except (ConfigError, TopologyError, LaunchError, IncompatibleCheckpoint) as e:
         return job.fail(EXIT_CONFIG, f"{type(e).__name__}: {e}")
+    except ReplicaLost as e:
+        return job.fail(EXIT_RESTART, f"a replica of this stage was lost: {e}; this replica restarts too, so that "
+                                      "the whole stage resumes from one checkpoint (exact)")
     except PeerError as e:
         msg = f"peer failure: {e}"
         if job.board is not None:
@@ -131,8 +145,9 @@ def train(cfg: Config, argv: list[str], *, fresh: bool = False, local_rank_arg: 
 class RankJob:
     """One rank's life: devices, groups, telemetry, the stage loop, and cleanup on every way out."""
 
-    def __init__(self, cfg: Config, env: RankEnv, topo: Topology):
-        self.cfg, self.env, self.topo = cfg, env, topo
+    def __init__(self, cfg: Config, env: RankEnv, topo: Topology, *, store: Any = None):
+        """``store``: the job's store when it is already open (``pipeline.replicas: auto`` used it)."""
+        self.cfg, self.env, self.topo, self.store = cfg, env, topo, store
         self.distributed = env.world_size > 1
         self.board: ControlBoard | None = None
         self.metrics: Metrics | None = None
@@ -143,7 +158,7 @@ class RankJob:
 
     def run(self, *, fresh: bool, observers: list[Observer]) -> int:
         cfg, env, topo = self.cfg, self.env, self.topo
-        check_world(env.world_size, topo.stages, topo.replicas)
+        check_world(env.world_size, topo.stages, topo.counts)
         coord = topo.coord(env.rank)
         device = pick_device(cfg.pipeline.device, env.local_rank)
         if device.type == "cpu":
@@ -193,12 +208,14 @@ class RankJob:
             # the per-task Slurm script); torchrun restarts the whole worker group, DeepSpeed needs its world
             recoverable = (p.stage_restarts > 0 and p.engine == "torch"
                            and os.environ.get("BIMDIST_SUPERVISED") == "1")
-            if env.rank == 0 and env.launcher != "bimdist":  # the spawner says it in its own start-up line
+            if env.rank == 0 and env.launcher != "bimdist":  # the spawner says it in its own start-up lines
+                log.info("rank layout (rank=stage/replica[rows of the global batch]): %s",
+                         topo.layout(cfg.data.batch_size))
                 log.info("a dead stage: %s", restart_plan(cfg, supervised=recoverable, launcher=env.launcher).line)
             comm = init_comm(env, topo, backend=backend, device=device,
                              startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s,
                              generation=restart_count(), engine_groups=p.engine == "deepspeed",
-                             recoverable=recoverable)
+                             recoverable=recoverable, batch=cfg.data.batch_size, store=self.store)
             self.board = ControlBoard(comm.store)
             # a connection of its own: the watch polls while the main thread may be using the store
             self.abort_watch = AbortWatch(ControlBoard(comm.client()),

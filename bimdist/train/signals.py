@@ -16,6 +16,7 @@ EXIT_PEER = 3  # another stage died or went silent
 EXIT_DATA = 4  # no usable training data
 EXIT_CHECKPOINT = 5  # a checkpoint could not be written (disk full, unwritable folder)
 EXIT_PREEMPTED = 75  # stopped by a signal after checkpointing; run the same command again to resume
+EXIT_RESTART = 76  # another replica of this stage died: restart this rank too (its supervisor does), exact
 
 # Why a stage's input ended (carried by the END message).
 END_DONE, END_DATA, END_STOP_AT, END_PREEMPT = 1, 2, 3, 4

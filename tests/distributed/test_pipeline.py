@@ -79,17 +79,31 @@ def l2(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a if a[k].is_floating_point()) ** 0.5
 
 
-def test_stage0_replicas_read_disjoint_shards_and_nobody_else_does(tmp_path):
-    proc = cli("train", str(TINY), "--data.source=shards", *fmnist_mini_args(), "--model.img_size=28",
-               "--data.batch_size=16", f"--run.dir={tmp_path}", "--run.steps=6", "--pipeline.stages=2",
-               "--pipeline.replicas=2", env={"BIMDIST_LOG_LEVEL": "DEBUG"}, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_uneven_replica_counts_train_the_global_batch_one_replica_per_stage_does(tmp_path):
+    """replicas [2, 1] on real shards: only stage 0's two ranks read the data, each its rows of one global stream;
+    stage 0's replicas send stage 1 their rows, which it puts back together. The weights sit next to the [1, 1]
+    run's (the same global batch: only sums run in another order), and every block trained."""
+    common = [str(TINY), "--data.source=shards", *fmnist_mini_args(), "--model.img_size=28", "--data.batch_size=16",
+              "--run.steps=6", "--pipeline.stages=2", "--pipeline.threads=1", "--masking.extra_drop=null"]
+    uneven = cli("train", *common, "--pipeline.replicas=[2,1]", f"--run.dir={tmp_path / 'uneven'}",
+                 env={"BIMDIST_LOG_LEVEL": "DEBUG"}, timeout=240)
+    assert uneven.returncode == 0, uneven.stderr[-3000:]
+    assert "rank layout (rank=stage/replica[rows of the global batch]): 0=s0r0[0:8] 1=s1r0[0:16] 2=s0r1[8:16]" \
+        in uneven.stderr
     opened: dict[int, set[str]] = {}
     for rank, shard in re.findall(r"\[rank=(\d) stage=\d replica=\d\] bimdist.data: replica \d opens shard (\S+)",
-                                  proc.stderr):
+                                  uneven.stderr):
         opened.setdefault(int(rank), set()).add(os.path.basename(shard))
     assert set(opened) == {0, 2}, f"ranks that opened shards: {sorted(opened)} (stage 0 is ranks 0 and 2)"
-    assert opened[0] and opened[2] and not opened[0] & opened[2]
+    even = cli("train", *common, f"--run.dir={tmp_path / 'even'}", timeout=240)
+    assert even.returncode == 0, even.stderr[-3000:]
+    cfg = load_config(str(TINY), ["--run.steps=6", "--masking.extra_drop=null", "--model.img_size=28"])
+    for block in range(4):
+        init = build_unit(cfg, block).state_dict()
+        want, got = load_block(tmp_path / "even", 6, block), load_block(tmp_path / "uneven", 6, block)
+        moved = l2(want, init)
+        assert l2(got, want) < 0.05 * moved, f"block {block}: {l2(got, want):.2e} from [1, 1], which moved {moved:.2e}"
+        assert max_abs_diff(got, init) > cfg.lr, f"block {block} did not train"
 
 
 def test_wrong_world_size_fails_before_training(tmp_path):

@@ -11,8 +11,9 @@ import sys
 import time
 
 import pytest
+import torch
 
-from tests.conftest import ROOT, TINY, alive, cli, ranks_of, same_weights, start_cli, wait_for
+from tests.conftest import ROOT, TINY, alive, cli, load_block, ranks_of, same_weights, start_cli, wait_for
 
 STEPS = 240
 COMMON = [str(TINY), f"--run.steps={STEPS}", "--pipeline.stages=4", "--pipeline.threads=1", "--checkpoint.every=40",
@@ -155,23 +156,44 @@ def test_a_stage_that_keeps_dying_ends_the_job_naming_it(tmp_path):
         in text
 
 
-def test_a_lost_replica_comes_back_into_its_group(tmp_path):
+UNEVEN = [str(TINY), "--run.steps=300", "--pipeline.stages=2", "--pipeline.replicas=[2,1]", "--pipeline.threads=1",
+          "--run.log_every=20", "--pipeline.peer_timeout_s=120", "--pipeline.startup_timeout_s=600"]
+
+
+@pytest.mark.parametrize("killed", ["replica", "stage"])
+def test_with_uneven_counts_a_killed_rank_restarts_and_the_run_stays_exact(tmp_path, killed):
+    """replicas [2, 1], the shipped restart settings. A killed stage-0 replica takes its sibling with it (a step's
+    gradients cannot be averaged without it): both restart from their common checkpoint or the run's start, stage 1
+    keeps its process and its inputs are replayed. A killed stage 1 is fed by both stage-0 replicas' logs. Either
+    way the run ends with the uninterrupted run's weights, bit for bit."""
+    ref = cli("train", *UNEVEN, f"--run.dir={tmp_path / 'ref'}", timeout=400)
+    assert ref.returncode == 0, ref.stderr[-2000:]
     log = tmp_path / "job.log"
-    job = start_cli("train", str(TINY), "--run.steps=200", "--pipeline.stages=2", "--pipeline.replicas=2",
-                    "--pipeline.threads=1", "--checkpoint.every=40", "--run.log_every=40",
-                    "--pipeline.peer_timeout_s=60", f"--run.dir={tmp_path / 'run'}", log_path=log)
+    job = start_cli("train", *UNEVEN, f"--run.dir={tmp_path / 'run'}", log_path=log)
+    rank = 2 if killed == "replica" else 1  # ranks: 0 = stage 0 replica 0, 1 = stage 1, 2 = stage 0 replica 1
     try:
-        assert wait_for(lambda: "checkpoint stage=1 replica=1 step=80 " in log.read_text(), 240), log.read_text()
-        os.kill(ranks_of(job.pid)[3], signal.SIGKILL)
+        assert wait_for(lambda: "progress stage=1 replica=0 step=100/" in log.read_text(), 240), log.read_text()
+        before = ranks_of(job.pid)
+        os.kill(before[rank], signal.SIGKILL)
+        stage = 0 if killed == "replica" else 1
+        assert wait_for(lambda: f"recovery stage={stage} " in log.read_text(), 120), log.read_text()[-3000:]
+        after = ranks_of(job.pid)
         code = finish(job, 300)
     finally:
         if job.poll() is None:
             job.kill()
     text = log.read_text()
     assert code == 0, text[-3000:]
-    assert re.search(r"stage 1 lost replica rank\(s\) \[3\] during step \d+", text)
-    assert re.search(r"stage 1 replica 1 rejoined its replicas at step \d+", text)
-    assert "finished at step 200 (step limit)" in text
+    restarted = sorted({int(s) for s in re.findall(r"recovery stage=(\d+) replica=\d+ incarnation=1 ", text)})
+    if killed == "replica":
+        assert re.search(r"rank 0 \(stage 0, replica 0\) exited with 76; restarting it alone", text), text[-3000:]
+        assert "a replica of this stage was lost" in text and restarted == [0]
+        assert after.get(1) == before[1], "stage 1 was restarted too"
+    else:
+        assert restarted == [1] and "exited with 76" not in text
+    for block in range(4):
+        want, got = load_block(tmp_path / "ref", 300, block), load_block(tmp_path / "run", 300, block)
+        assert all(torch.equal(want[k], got[k]) for k in want), f"block {block} differs from the uninterrupted run"
 
 
 def test_ranks_stop_by_themselves_when_the_launcher_is_killed(tmp_path):

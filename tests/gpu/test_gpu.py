@@ -108,7 +108,7 @@ def test_gpu_decode_draws_the_cpu_crops_and_nearly_the_same_pixels(tmp_path):
     cfg = load_config("vit-base-16", [f"--data.train_shards={tmp_path / 'shards' / info['train']}",
                                       "--data.batch_size=32", "--data.jpeg_draft=false"])
     stats = DataStats()
-    raw = next(iter(RawChunks(make_stream(cfg, replica=0, replicas=1, stats=stats), start=Position(), stats=stats,
+    raw = next(iter(RawChunks(make_stream(cfg, stats=stats), start=Position(), stats=stats,
                               size=32)))
     encoded, plain = ChunkDecoder(cfg, encoded=True)[raw], ChunkDecoder(cfg, encoded=False)[raw]
     (gpu, _, _), = BatchAssembler(local=32, size=224, chans=3, stats=DataStats(), device=CUDA).feed(encoded)

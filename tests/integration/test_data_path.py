@@ -105,7 +105,7 @@ def test_cuda_decode_path_draws_the_cpu_path_crops(jpegs):
     decoded and cropped from the bytes matches the CPU path's pixels within the filters' rounding."""
     cfg = jpeg_config(jpegs["pattern"], "--data.jpeg_draft=false")
     stats = DataStats()
-    raw = next(iter(RawChunks(make_stream(cfg, replica=0, replicas=1, stats=stats), start=Position(), stats=stats,
+    raw = next(iter(RawChunks(make_stream(cfg, stats=stats), start=Position(), stats=stats,
                               size=16)))
     encoded = ChunkDecoder(cfg, encoded=True)[raw]
     plain = ChunkDecoder(cfg, encoded=False)[raw]
@@ -128,7 +128,7 @@ def test_cuda_decode_path_draws_the_cpu_path_crops(jpegs):
 def test_a_worker_error_names_the_sample():
     cfg = load_config(str(TINY))
     stats = DataStats()
-    raw = next(iter(RawChunks(make_stream(cfg, replica=0, replicas=1, stats=stats), start=Position(), stats=stats,
+    raw = next(iter(RawChunks(make_stream(cfg, stats=stats), start=Position(), stats=stats,
                               size=4)))
     _, sample = raw.samples[2]
     sample.payload["synthetic"] = "not an index"  # a bug-like failure, not a corrupt image

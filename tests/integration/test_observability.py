@@ -29,7 +29,7 @@ METRICS = ["bimdist_steps_total", "bimdist_samples_total", "bimdist_loss", "bimd
            "bimdist_corrupt_samples_total", "bimdist_peak_memory_bytes", "bimdist_build_info", "bimdist_step",
            "bimdist_data_wait_seconds_total", "bimdist_stage_restarts_total", "bimdist_replayed_steps_total",
            "bimdist_replay_log_bytes", "bimdist_grad_norm", "bimdist_next_stage_restartable",
-           "bimdist_monitor_knn_top1"]
+           "bimdist_monitor_knn_top1", "bimdist_busy_seconds_total", "bimdist_stage_replicas"]
 
 
 def need(binary: str) -> str:
@@ -188,7 +188,7 @@ def test_every_alert_rule_evaluates(stack):
     rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
     assert {r["alert"] for r in rules} == {"BimdistRunStalled", "BimdistNonFiniteLoss", "BimdistTargetDown",
                                            "BimdistStageIdle", "BimdistDataBound", "BimdistStageRestarted",
-                                           "BimdistStageCannotRestartAlone"}
+                                           "BimdistStageCannotRestartAlone", "BimdistStragglerReplica"}
     for rule in rules:
         assert query(stack["prom"], rule["expr"])["status"] == "success", rule["alert"]
     with urllib.request.urlopen(stack["prom"] + "/api/v1/rules", timeout=10) as r:
@@ -266,6 +266,25 @@ def test_promtool_accepts_the_deploy_files():
     config = subprocess.run([promtool, "check", "config", "prometheus.yml"], capture_output=True, text=True,
                             cwd=DEPLOY / "prometheus")
     assert config.returncode == 0, config.stdout + config.stderr
+
+
+def test_straggler_and_restart_alone_alerts_fire_on_such_series(tmp_path):
+    """promtool's rule tests: the straggler alert fires for a replica whose own work per step is 3x its stage's
+    median after 5 minutes, not for equal ones; the restart-alone alert after 15 minutes at 0. A rule with another
+    threshold fails the same tests, so they can fail."""
+    promtool = need("promtool")
+    tests = ROOT / "tests" / "assets" / "promtool" / "straggler_test.yml"
+    ok = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    lax = tmp_path / "deploy" / "prometheus"
+    lax.mkdir(parents=True)
+    (lax / "alerts.yml").write_text((DEPLOY / "prometheus" / "alerts.yml").read_text().replace("1.5 * quantile",
+                                                                                               "4 * quantile"))
+    copy = tmp_path / "tests" / "assets" / "promtool"
+    copy.mkdir(parents=True)
+    (copy / "straggler_test.yml").write_text(tests.read_text())
+    bad = subprocess.run([promtool, "test", "rules", str(copy / "straggler_test.yml")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "BimdistStragglerReplica" in bad.stdout + bad.stderr
 
 
 def test_docker_compose_file_is_valid():

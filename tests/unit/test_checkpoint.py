@@ -16,7 +16,7 @@ def _store(root: Path, fingerprint: str = "abc", keep: int = 2) -> CheckpointSto
 def _save(store: CheckpointStore, step: int, size: int = 10) -> None:
     for b in (0, 1):
         store.save_block(step, b, {"model": {"w": torch.full((size,), float(step + b))}})
-    store.save_position(step, 0, Position(0, step * 4))
+    store.save_position(step, Position(0, step * 4))
     store.finish(step)
 
 
@@ -25,9 +25,9 @@ def test_roundtrip_manifest_and_weights_only_load(tmp_path):
     _save(store, 10)
     assert store.latest() == 10
     manifest = json.loads((store.step_dir(10) / "manifest.json").read_text())
-    assert manifest["files"] == ["block_00.pt", "block_01.pt", "data_r00.json"]
+    assert manifest["files"] == ["block_00.pt", "block_01.pt", "data.json"]
     assert torch.equal(store.load_block(10, 1)["model"]["w"], torch.full((10,), 11.0))
-    assert store.load_position(10, 0) == Position(0, 40)
+    assert store.load_position(10) == Position(0, 40)
 
 
 def test_incomplete_step_is_not_resumable(tmp_path):
