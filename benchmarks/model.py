@@ -154,6 +154,56 @@ def data_rows(costs: list[dict], flop_per_s: float, batch: int) -> tuple[str, li
     return note + table, points
 
 
+def layout_rows(gpu_rate: float, *, batch: int = 4096) -> tuple[str, list[dict]]:
+    """Equal replica counts against the counts ``bimdist.distributed.placement`` chooses, for ViT-B/16 and ViT-L/16 on
+    8, 16 and 64 GPUs (4 stages), with stage 0 decoding on its GPU's share of a DGX H100's cores at the rate
+    ``benchmarks.data`` measured per core, and with incremental masking (cheaper deeper stages). A stage with R
+    replicas does the global batch in t B / R plus its gradient all-reduce (NVLink inside a node, InfiniBand
+    across nodes)."""
+    from bimdist.distributed.placement import best_counts
+
+    found = newest_result("data")
+    per_core = found[1]["samples_per_cpu_s"]["w2"] if found else None
+    cores = NODES["DGX H100: 2 x 56 cores, 8 GPUs"] - 1  # one core left to the rank itself
+    variants = {"preset, CPU decode": [], "incremental masking [0, 0.25, 0.5, 0.75], CPU decode":
+                ["--masking.extra_drop=[0,0.25,0.5,0.75]"]}
+    rows, points = [], []
+    for name in ("ViT-B/16", "ViT-L/16"):
+        preset, over = MODELS[name]
+        for variant, extra in variants.items():
+            costs = stage_costs(load_config(preset, [*over, *extra, "--run.precision=fp32"]))
+            t = [c["flop"] / gpu_rate for c in costs]
+            data = 1 / (per_core * cores) if per_core else 0.0
+            for gpus in (8, 16, 64):
+                bw = (LINKS_GBPS["NVLink (H100, 450 GB/s)"] if gpus <= 8 else
+                      LINKS_GBPS["InfiniBand 200 Gb/s (25 GB/s)"]) * 1e9
+
+                def stage_rate(k: int, r: int, t=t, costs=costs, bw=bw, data=data) -> float:
+                    step = max(t[k], data if k == 0 else 0.0) * batch / r
+                    step += 2 * (r - 1) / r * costs[k]["params"] * 2 / bw  # bf16 gradients, ring all-reduce
+                    return batch / step
+
+                equal = (gpus // 4,) * 4
+                chosen = best_counts(4, gpus, batch, stage_rate)
+                r_eq = min(stage_rate(k, r) for k, r in enumerate(equal))
+                r_ch = min(stage_rate(k, r) for k, r in enumerate(chosen))
+                slow = min(range(4), key=lambda k: stage_rate(k, chosen[k]))
+                points.append({"model": name, "variant": variant, "gpus": gpus, "equal": list(equal),
+                               "equal_samples_per_s": r_eq, "chosen": list(chosen), "chosen_samples_per_s": r_ch,
+                               "slowest_stage": slow})
+                rows.append([name, variant, gpus, f"{list(equal)}: {r_eq:,.0f}", f"{list(chosen)}: {r_ch:,.0f}",
+                             f"{r_ch / r_eq:.2f}x"])
+    table = md_table(["model", "variant", "GPUs", "equal counts: samples/s", "chosen counts: samples/s", "gain"],
+                     rows)
+    note = ("\n\nA replica count per stage (`pipeline.replicas` as a list, chosen by `pipeline.replicas=auto` or "
+            "`bimdist doctor --devices N` from measured costs; here from FLOPs at the MFU above): global batch "
+            f"{batch}, 4 stages, each count a divisor of the batch; stage 0 decodes on its GPU's share of a DGX "
+            "H100's cores at "
+            + (f"{per_core:.0f} samples per CPU-second (`benchmarks.data`, plain shards)" if per_core else
+               "no measured rate (no `benchmarks.data` result)") + ".\n\n")
+    return note + table, points
+
+
 def _bandwidth_worker(rank: int, port: int, nbytes: int, reps: int, out: mp.SimpleQueue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -217,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     table += data_table
     measured_table, record["measured_stages"] = measured_rows(vit_b, args.batch)
     table += measured_table
+    if not args.quick:
+        layout_table, record["layouts"] = layout_rows(gpu_rate)
+        table += layout_table
     measured = latest_throughput()
     if measured is not None and not args.quick:
         # per-stage costs under the same machine load as the pipeline (both stages stepping at once), when recorded

@@ -4,16 +4,15 @@ No gradient crosses a stage boundary, so each stage's data-parallel width is fre
 processes the global batch R times as fast (each replica takes B / R rows). The pipeline runs at the rate of its
 slowest part, so the best counts for N devices maximise ``min_s R_s / cost_s`` (``cost_s``: seconds per sample of
 stage s on one device, stage 0's data decoding included where it runs on the rank), subject to ``sum R_s = N`` and
-each R_s dividing the batch. ``choose_counts`` searches every composition when there are few enough, else adds one
-replica at a time to the slowest stage.
+each R_s dividing the batch; a small dynamic programme finds them exactly.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -21,9 +20,6 @@ from typing import Any
 from bimdist.config import Config, ConfigError
 
 log = logging.getLogger("bimdist.placement")
-
-EXHAUSTIVE = 200_000  # compositions searched exactly; beyond that, greedy
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -45,39 +41,34 @@ def rate(costs: list[float], counts: tuple[int, ...] | list[int]) -> tuple[float
 
 def choose_counts(costs: list[float], devices: int, batch: int) -> Layout:
     """The counts (one per stage, each dividing ``batch``, summing to ``devices``) with the best predicted rate."""
-    stages = len(costs)
+    counts = best_counts(len(costs), devices, batch, lambda s, r: r / costs[s])
+    r, slow = rate(costs, counts)
+    return Layout(counts, r, slow)
+
+
+def best_counts(stages: int, devices: int, batch: int, stage_rate: Callable[[int, int], float]) -> tuple[int, ...]:
+    """Counts that maximise the slowest stage's ``stage_rate(stage, replicas)``, each a divisor of ``batch``,
+    summing to ``devices``: exact, by dynamic programming over the stages and the devices used so far (the rate of
+    a layout is the minimum over stages, which this decomposes). Ties go to the layout found first."""
     if devices < stages:
         raise ConfigError(f"{devices} devices cannot hold {stages} stages (each stage needs at least one replica)")
-    best: Layout | None = None
-    combos = _compositions_count(devices, stages)
-    if combos <= EXHAUSTIVE:
-        for cut in itertools.combinations(range(1, devices), stages - 1):
-            counts = tuple(b - a for a, b in zip((0, *cut), (*cut, devices)))
-            if any(batch % c for c in counts):
-                continue
-            r, slow = rate(costs, counts)
-            if best is None or r > best.samples_per_s + 1e-12:
-                best = Layout(counts, r, slow)
-    else:  # greedy: the next device to the stage that sets the rate, where its new count divides the batch
-        counts = [1] * stages
-        for _ in range(devices - stages):
-            order = sorted(range(stages), key=lambda s: counts[s] / costs[s])
-            for s in order:
-                if batch % (counts[s] + 1) == 0:
-                    counts[s] += 1
-                    break
-        r, slow = rate(costs, counts)
-        best = Layout(tuple(counts), r, slow)
-    if best is None:
+    options = [d for d in range(1, devices + 1) if batch % d == 0]
+    # best[s][n]: (the best slowest rate of stages s.., the counts) using exactly n devices for them
+    best: list[dict[int, tuple[float, tuple[int, ...]]]] = [{} for _ in range(stages + 1)]
+    best[stages][0] = (float("inf"), ())
+    for s in range(stages - 1, -1, -1):
+        for n in range(1, devices + 1):
+            for d in options:
+                rest = best[s + 1].get(n - d)
+                if d > n or rest is None:
+                    continue
+                value = min(stage_rate(s, d), rest[0])
+                if n not in best[s] or value > best[s][n][0]:
+                    best[s][n] = (value, (d, *rest[1]))
+    if devices not in best[0]:
         raise ConfigError(f"no replica counts for {devices} devices divide data.batch_size={batch} on every stage; "
-                          "choose a batch with more divisors")
-    return best
-
-
-def _compositions_count(n: int, k: int) -> int:
-    from math import comb
-
-    return comb(n - 1, k - 1)
+                          "choose a batch with more divisors, or another number of devices")
+    return best[0][devices][1]
 
 
 def stage_costs(cfg: Config, *, device: Any, threads: int, workers: int) -> list[float]:

@@ -202,3 +202,11 @@ def test_finetune_quick(tmp_path):
     half = {x["train_labels_sha256"] for x in r["runs"] if x["labels"] == 0.5}
     assert len(half) == 1  # the same label subset for every arm, depth and seed
     assert {c["target"] for c in r["checks"]} >= {"full depth, all labels: BIM top-1 %"}
+
+
+def test_layout_quick(tmp_path):
+    r = bench("layout", tmp_path)
+    rates = r["median_samples_per_s"]
+    assert set(rates) == {"[1, 1]", "[2, 1]"} and all(v > 0 for v in rates.values())
+    assert {int(k): v for k, v in r["rounds"]["[2, 1]"][0]["replicas"].items()} == {0: 2, 1: 1}  # JSON keys are text
+    assert 1.0 <= r["bound"] <= 2.0 and r["stage0_s_per_sample"] > 0 and r["stage1_s_per_sample"] > 0
