@@ -226,3 +226,21 @@ def test_a_run_resumes_on_another_layout_at_the_next_sample(tmp_path):
         init = build_unit(cfg, block).state_dict()
         want, got = load_block(tmp_path / "ref", 16, block), load_block(tmp_path / "uneven", 16, block)
         assert l2(got, want) < 0.05 * l2(want, init), f"block {block}: [2, 1] resumed drifted"
+
+
+def test_torchrun_runs_replicas_auto_with_the_counts_rank_0_chose(tmp_path):
+    """pipeline.replicas=auto under a launcher: rank 0 measures the stages and chooses counts for the world size
+    torchrun gives; every rank reads them, and the layout is printed."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--standalone", "-m", "bimdist",
+         "train", str(TINY), f"--run.dir={tmp_path}", f"--run.steps={STEPS}", "--pipeline.stages=2",
+         "--pipeline.replicas=auto", "--pipeline.threads=1"], capture_output=True, text=True, timeout=300, env=env,
+        cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = re.search(r"pipeline.replicas=auto for 3 devices: replicas \[(\d), (\d)\]", proc.stderr)
+    assert chosen, proc.stderr[-3000:]
+    counts = [int(chosen.group(1)), int(chosen.group(2))]
+    assert sorted(counts) == [1, 2] and proc.stderr.count("pipeline.replicas=auto for 3 devices") == 1
+    assert "rank layout (rank=stage/replica[rows of the global batch]): 0=s0r0" in proc.stderr
+    assert proc.stderr.count(f"finished at step {STEPS} (step limit)") == 3

@@ -2,7 +2,7 @@
 
 import socket
 
-from tests.conftest import FMNIST_MINI, cli
+from tests.conftest import FMNIST_MINI, TINY, cli
 
 MINI = f"--data.train_shards={FMNIST_MINI}/train-{{000000..000003}}.tar"
 
@@ -27,3 +27,13 @@ def test_too_little_shared_memory_for_the_data_workers_is_named():
     proc = cli("doctor", "vit-base-16", MINI, "--data.workers=100000", "--pipeline.stages=1", timeout=120)
     assert proc.returncode == 2
     assert "/dev/shm has" in proc.stderr and "100000 data workers need" in proc.stderr and "--shm-size" in proc.stderr
+
+
+def test_devices_chooses_a_replica_count_per_stage():
+    proc = cli("doctor", str(TINY), "--pipeline.stages=2", "--devices", "4", timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("layout for 4 devices"))
+    assert "samples/s predicted, limited by stage" in line
+    counts = [int(c) for c in line.split("replicas [")[1].split("]")[0].split(", ")]
+    assert sum(counts) == 4 and len(counts) == 2
+    assert any(ln.strip().startswith("equal counts") and "replicas [2, 2]" in ln for ln in proc.stdout.splitlines())
