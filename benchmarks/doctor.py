@@ -18,7 +18,8 @@ from pathlib import Path
 from benchmarks.accuracy import ensure_data
 from benchmarks.common import ROOT, Check, base_parser, md_table, write_results
 
-QUICK = [f"--data.train_shards={ROOT}/tests/assets/fmnist-mini/train-{{000000..000003}}.tar", "--model.depth=4",
+QUICK = [f"--data.train_shards={ROOT}/tests/assets/fmnist-mini/train-{{000000..000003}}.tar",
+         f"--data.test_shards={ROOT}/tests/assets/fmnist-mini/test-{{000000..000001}}.tar", "--model.depth=4",
          "--model.embed_dim=64", "--model.num_heads=2", "--model.decoder_embed_dim=32", "--data.batch_size=32"]
 
 
