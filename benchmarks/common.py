@@ -36,7 +36,8 @@ TOP_README = ROOT / "README.md"
 HEADLINE = {"finetune": "benchmarks.finetune", "throughput-preset": "benchmarks.throughput",
             "throughput-light": "benchmarks.throughput", "memory": "benchmarks.memory", "flops": "benchmarks.flops",
             "data": "benchmarks.data", "data-gpu": "benchmarks.data", "layout": "benchmarks.layout",
-            "model": "benchmarks.model", "doctor": "benchmarks.doctor", "recovery": "benchmarks.recovery"}
+            "model": "benchmarks.model", "doctor": "benchmarks.doctor", "recovery": "benchmarks.recovery",
+            "network": "benchmarks.network"}
 
 
 @dataclass(frozen=True)

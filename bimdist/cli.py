@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     dr.add_argument("--json", type=Path, default=None, help="also write the table and figures here")
     dr.add_argument("--devices", type=int, default=None, help="also choose the replica count per stage for N "
                     "devices from the measured stage costs (what pipeline.replicas=auto does)")
+    dr.add_argument("--link-gbps", type=float, default=None, help="the rate of the link between the nodes of "
+                    "neighbouring stages, Gbit/s (e.g. from python -m bimdist.distributed.probe), instead of the "
+                    "measured local link; says when the job is link-bound")
     r = sub.add_parser("recon", help="write the reconstruction PNG of a run's newest checkpoint")
     r.add_argument("run_dir", type=Path)
     r.add_argument("--out", type=Path, default=None)
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "doctor":
             from bimdist.doctor import doctor
 
-            return doctor(load_config(args.config, rest), json_path=args.json, devices=args.devices)
+            return doctor(load_config(args.config, rest), json_path=args.json, devices=args.devices,
+                          link_gbps=args.link_gbps)
         if args.verb == "export":
             from bimdist.export import export
 

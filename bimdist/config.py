@@ -174,7 +174,10 @@ class PipelineConfig(Section):
 
 class MetricsConfig(Section):
     port: int = Field(0, ge=0, le=65535, description="base port; rank serves port + LOCAL_RANK; 0 disables")
-    bind: str = "127.0.0.1"
+    bind: str = Field("127.0.0.1", description="address the metrics listeners bind (0.0.0.0: every interface; a "
+                      "Prometheus on another node cannot reach a loopback-only listener)")
+    advertise: str | None = Field(None, description="host or address the file_sd targets name (default: bind, or for "
+                                  "0.0.0.0 this node's address on the route to the job's store)")
     job: str = "bimdist"
     pushgateway: str | None = Field(None, description="host:port of a Prometheus Pushgateway")
     file_sd_dir: str | None = Field(None, description="folder Prometheus watches for file_sd targets")

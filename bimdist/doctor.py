@@ -161,7 +161,7 @@ def data_samples_per_s(cfg: Config, *, workers: int, seconds: float = 8.0) -> fl
         it.close()
 
 
-def diagnose(cfg: Config, *, devices: int | None = None) -> Report:
+def diagnose(cfg: Config, *, devices: int | None = None, link_gbps: float | None = None) -> Report:
     """The whole check; DoctorError for what the job cannot do without."""
     from bimdist.distributed.probe import link_bytes_per_s
 
@@ -196,9 +196,15 @@ def diagnose(cfg: Config, *, devices: int | None = None) -> Report:
             pair = ("cuda:0", "cuda:1") if backend == "nccl" and len(gpus) > 1 else ("cuda:0", "cuda:0")
         shapes = message_shapes(cfg, 0)
         f["message_bytes"] = sum(torch.Size(s).numel() * getattr(torch, d).itemsize for s, d in shapes)
-        f["link_bytes_per_s"] = link_bytes_per_s(backend=backend, devices=pair, shapes=shapes, staging=staging)
-        report.add("link (2 ranks, bimdist transport)", f"{f['link_bytes_per_s'] / 1e9:.2f} GB/s for messages of "
-                                                        f"{f['message_bytes'] / 1e6:.2f} MB ({backend})")
+        if link_gbps is not None:  # the link between nodes, as the user measured it (bimdist.distributed.probe)
+            f["link_bytes_per_s"] = link_gbps * 1e9 / 8
+            report.add("link (given, --link-gbps)", f"{link_gbps:g} Gbit/s = {f['link_bytes_per_s'] / 1e6:,.1f} MB/s "
+                                                    f"for messages of {f['message_bytes'] / 1e6:.2f} MB: "
+                                                    f"{f['message_bytes'] / f['link_bytes_per_s']:.3f} s each")
+        else:
+            f["link_bytes_per_s"] = link_bytes_per_s(backend=backend, devices=pair, shapes=shapes, staging=staging)
+            report.add("link (2 ranks, bimdist transport)", f"{f['link_bytes_per_s'] / 1e9:.2f} GB/s for messages "
+                                                            f"of {f['message_bytes'] / 1e6:.2f} MB ({backend})")
     f["data_samples_per_s"] = data_samples_per_s(cfg, workers=workers)
     report.add("stage 0 data", f"{f['data_samples_per_s']:,.0f} samples/s with {workers} data workers")
     f["stage_step_s"], timed = [], []
@@ -217,6 +223,8 @@ def diagnose(cfg: Config, *, devices: int | None = None) -> Report:
     slowest = f" (stage {f['slowest_stage']})" if f["slowest_stage"] is not None else ""
     report.add("predicted pipeline rate", f"{f['samples_per_s']:,.0f} samples/s ({shape}), limited by "
                                           f"{f['limited_by']}{slowest}")
+    if f["limited_by"] == "link":
+        report.add("link-bound", link_advice(cfg, f))
     if devices is not None:
         layouts(cfg, report, devices=devices, workers=workers)
     plan = restart_plan(cfg, supervised=True)
@@ -250,6 +258,23 @@ def predict(cfg: Config, f: dict, *, workers: int) -> None:
     f["samples_per_s"] = rates[limited]
 
 
+def link_advice(cfg: Config, f: dict) -> str:
+    """What a link-bound job can do: the link rate that would not hold it back, and the wire dtype that halves the
+    tokens."""
+    others = [v for k, v in f["rates"].items() if k != "link"]
+    line = f"the link carries {f['rates']['link']:,.0f} samples/s"
+    if others:
+        free = min(others)
+        need = f["link_bytes_per_s"] * free / f["rates"]["link"] * 8 / 1e9
+        line += f", the rest of the pipeline would do {free:,.0f}: a link of {need:.3g} Gbit/s would not hold it back"
+    if cfg.pipeline.wire_dtype in ("auto", "fp32"):  # auto sends fp32
+        half = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"wire_dtype": "bf16"})})
+        bf16 = sum(torch.Size(s).numel() * getattr(torch, d).itemsize for s, d in message_shapes(half, 0))
+        line += (f"; pipeline.wire_dtype=bf16 sends {bf16 / 1e6:.2f} MB a step instead of "
+                 f"{f['message_bytes'] / 1e6:.2f} ({f['message_bytes'] / bf16:.2f}x the rate while link-bound)")
+    return line
+
+
 def layouts(cfg: Config, report: Report, *, devices: int, workers: int) -> None:
     """The best replica counts for ``devices`` ranks from the measured stage costs, against equal counts."""
     from bimdist.distributed.placement import choose_counts, rate
@@ -269,7 +294,8 @@ def layouts(cfg: Config, report: Report, *, devices: int, workers: int) -> None:
                                      f"(chosen / equal: {best.samples_per_s / r:.2f}x)")
 
 
-def doctor(cfg: Config, *, json_path: Path | None = None, devices: int | None = None) -> int:
+def doctor(cfg: Config, *, json_path: Path | None = None, devices: int | None = None,
+           link_gbps: float | None = None) -> int:
     t0 = time.perf_counter()
     try:
         if cfg.pipeline.replicas == "auto":  # plan for the devices asked for (or, failing that, one per stage)
@@ -277,7 +303,9 @@ def doctor(cfg: Config, *, json_path: Path | None = None, devices: int | None = 
 
             cfg = with_counts(cfg, 1)
             devices = devices or cfg.pipeline.devices or cfg.pipeline.stages
-        report = diagnose(cfg, devices=devices)
+        if link_gbps is not None and link_gbps <= 0:
+            raise ConfigError(f"--link-gbps={link_gbps:g}: give the link's rate in Gbit/s, above 0")
+        report = diagnose(cfg, devices=devices, link_gbps=link_gbps)
     except (DoctorError, ConfigError, TimeoutError) as e:
         print(f"bimdist doctor: {e}", file=sys.stderr, flush=True)
         return 2

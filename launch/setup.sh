@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 PROFILE=${1:-test}
 case "$PROFILE" in
   demo) APT_PACKAGES=(dataset-fashion-mnist); EXTRAS=eval; CHECK="import bimdist, timm, webdataset, sklearn" ;;
-  test) APT_PACKAGES=(dataset-fashion-mnist prometheus prometheus-pushgateway slurm-wlm munge docker-compose numactl)
+  test) APT_PACKAGES=(dataset-fashion-mnist prometheus prometheus-pushgateway slurm-wlm munge docker-compose numactl
+                     iproute2)
         EXTRAS=test; CHECK="import bimdist, timm, webdataset, sklearn, deepspeed, pytest, xdist" ;;
   *) echo "setup: unknown profile '$PROFILE' (demo or test)" >&2; exit 2 ;;
 esac

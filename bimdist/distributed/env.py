@@ -165,3 +165,58 @@ def set_cpu_threads(local_processes: int, requested: int | None, *, local_rank: 
         threads = requested or max(1, len(cores) // max(1, local_processes))
     torch.set_num_threads(threads)
     return threads, cores
+
+
+def route_address(target: str) -> str:
+    """This host's address on the route to ``target`` (a UDP socket's source address; nothing is sent)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((target, 9))  # a UDP "connect" only picks the route
+        return s.getsockname()[0]
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface that holds ``address`` (Linux), or None."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return None
+
+
+def gloo_interface(master_addr: str) -> tuple[str, str] | None:
+    """(interface, address) gloo should use to reach the other ranks: the one on the route to the job's store.
+
+    gloo otherwise takes the address the host name resolves to, which on many machines (and in a network
+    namespace) is a loopback address: a peer on another node would then be told to connect to 127.0.0.1."""
+    try:
+        address = route_address(master_addr)
+    except OSError:
+        return None
+    name = interface_of(address)
+    return (name, address) if name else None
+
+
+def use_gloo_interface(env: RankEnv) -> None:
+    """Point gloo at the interface on the route to the job's store (GLOO_SOCKET_IFNAME), unless the user did."""
+    import logging
+    import os
+
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    found = gloo_interface(env.master_addr)
+    if found is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = found[0]
+        logging.getLogger("bimdist").debug("gloo uses %s (%s), the route to the job's store at %s", found[0],
+                                           found[1], env.master_addr)

@@ -35,6 +35,7 @@ from bimdist.distributed.transport import PeerError, Route
 log = logging.getLogger("bimdist.comm")
 
 TRY_S = 15.0  # one rendezvous try; a member that is there joins within it, one that is not costs a new epoch
+STORE_OP_S = 30.0  # the most one store operation may take (its own waits, like rendezvous, pass their own)
 
 
 
@@ -124,8 +125,12 @@ class _Rebuildable:
                 set_timeout(timedelta(seconds=self.timeout_s))
             self.group = group
             self.incarnations = [int(i) for i in incs.split(".")]
+            self._name_node()
             return True
         raise PeerError(f"{self.name}: could not connect within {timeout_s:.0f} s ({_short(last)})")
+
+    def _name_node(self) -> None:
+        """A link to another node says which one in its messages (``addr/RANK``, each rank's own address)."""
 
     def wait_for_restart(self, *, timeout_s: float) -> None:
         """After a failure: wait until some other member's incarnation moves past the one this group was built
@@ -150,8 +155,17 @@ class Link(_Rebuildable):
         super().__init__(store, members=[sender, receiver], me=me, name=f"link/{sender}-{receiver}",
                          backend=backend, timeout_s=timeout_s, device=device)
         self.peer = receiver if me == sender else sender
-        self.peer_label = peer_label  # "stage k (rank r)", for messages
+        self.base_label = self.peer_label = peer_label  # "stage k (rank r)", for messages
         self.peer_index = self.members.index(self.peer)
+
+    def _name_node(self) -> None:
+        try:
+            keys = [f"addr/{self.peer}", f"addr/{self.me}"]
+            if self.store.check(keys):
+                theirs, mine = (self.store.get(k).decode() for k in keys)
+                self.peer_label = self.base_label + (f" on {theirs}" if theirs != mine else "")
+        except Exception:  # noqa: BLE001 - a name for messages only
+            pass
 
 
 class ReplicaGroup(_Rebuildable):
@@ -202,14 +216,21 @@ def init_comm(env: RankEnv, topo: Topology, *, backend: str, device: torch.devic
     ``engine_groups``: also join the world and build DeepSpeed's groups (a replica group per stage, a one-rank
     group per rank), which DeepSpeed asks for through its ``mpu``."""
     check_world(env.world_size, topo.stages, topo.counts)
-    store = store or job_store(env, timeout_s=startup_timeout_s, generation=generation)
+    op = min(peer_timeout_s, STORE_OP_S)
+    store = store or job_store(env, timeout_s=startup_timeout_s, generation=generation, op_timeout_s=op)
 
     def client() -> dist.Store:
         """A connection of its own: a TCPStore client serves one request at a time, and a group's rendezvous
         blocks in the store for as long as it waits for its peer."""
-        return job_store(env, timeout_s=startup_timeout_s, generation=generation, client=True)
+        return job_store(env, timeout_s=startup_timeout_s, generation=generation, client=True, op_timeout_s=op)
 
     inc = incarnation()
+    try:  # this rank's address on the route to the store: messages about a link to another node name the node
+        from bimdist.distributed.env import route_address
+
+        store.set(f"addr/{env.rank}", route_address(env.master_addr))
+    except OSError:
+        pass
     store.set(f"inc/{env.rank}", str(inc))
     comm = StageComm(topo=topo, rank=env.rank, coord=topo.coord(env.rank), device=device, store=store,
                      backend=backend, incarnation=inc, recoverable=recoverable, client=client)
@@ -257,14 +278,17 @@ def _world_groups(comm: StageComm, env: RankEnv, store: dist.Store, *, backend: 
             comm.mp_group = g
 
 
-def job_store(env: RankEnv, *, timeout_s: float, generation: int, client: bool = False) -> dist.Store:
+def job_store(env: RankEnv, *, timeout_s: float, generation: int, client: bool = False,
+              op_timeout_s: float | None = None) -> dist.Store:
     """The job's TCPStore, namespaced by whole-job restart generation.
 
     torchrun keeps one store across restarts: without the prefix, a restarted rank can read the dead
     generation's addresses and wait on a peer that no longer exists. Under torchrun every rank is a client of the
     agent's store; with ``BIMDIST_STORE_EXTERNAL=1`` (bimdist's launcher, the per-task Slurm script) every rank is
     a client of the supervisor's; otherwise rank 0 hosts it at MASTER_ADDR:MASTER_PORT. ``client``: one more
-    connection to the store (never the host).
+    connection to the store (never the host). ``timeout_s`` bounds reaching the store at start-up;
+    ``op_timeout_s`` then bounds each operation, so that a store out of reach (its node cut off) is an error within
+    that time, not a rank hung for the start-up timeout.
     """
     external = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or os.environ.get(
         "BIMDIST_STORE_EXTERNAL") == "1"
@@ -275,6 +299,8 @@ def job_store(env: RankEnv, *, timeout_s: float, generation: int, client: bool =
     except (dist.DistError, RuntimeError) as e:
         raise PeerError(f"could not reach the job's store at {env.master_addr}:{env.master_port} within "
                         f"{timeout_s:.0f} s ({str(e).splitlines()[0][:200]}); check MASTER_ADDR/MASTER_PORT") from None
+    if op_timeout_s is not None:
+        store.set_timeout(timedelta(seconds=op_timeout_s))
     return dist.PrefixStore(f"bimdist/gen{generation}/", store)
 
 

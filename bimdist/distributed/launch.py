@@ -66,13 +66,15 @@ def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: in
                 batch: int = 1) -> int:
     """Run and supervise every rank on this machine; returns the job's exit code. ``policy``: what happens to a
     dead stage, for the start-up line."""
-    from datetime import timedelta
 
     import torch.distributed as dist  # the store: the launcher's only torch import
 
     from bimdist.distributed.control import ControlBoard
+    from bimdist.distributed.store import listening_store
 
-    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
+    # the ranks are local: the store listens on loopback only, out of reach of any other node
+    store, listener = listening_store("127.0.0.1", 0)
+    log.info("job store on 127.0.0.1:%d (loopback only)", store.port)
     job = dist.PrefixStore("bimdist/gen0/", store)  # the ranks' namespace (bimdist.distributed.groups.job_store)
     supervisor = Supervisor(argv, topo, port=store.port, restarts=restarts, grace_s=grace_s, job_store=job,
                             board=ControlBoard(job), policy=policy, batch=batch)
@@ -83,6 +85,7 @@ def spawn_local(argv: list[str], topo: Topology, *, grace_s: float, restarts: in
         for s, h in previous.items():
             signal.signal(s, h)
         del store
+        listener.close()
 
 
 ABORT_GRACE_S = 10.0  # after an abort every rank ends by itself within a second; this is the backstop

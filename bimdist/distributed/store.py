@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 from datetime import timedelta
@@ -20,9 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     try:
-        store = dist.TCPStore(args.host, args.port, None, True, timeout=timedelta(seconds=60),
-                              wait_for_workers=False)
-    except (RuntimeError, dist.DistError) as e:
+        store, _listener = listening_store(args.host, args.port)
+    except (OSError, RuntimeError, dist.DistError) as e:
         print(f"bimdist store: cannot listen on {args.host}:{args.port}: {str(e).splitlines()[0]}; choose another "
               "MASTER_PORT", file=sys.stderr)
         return 2
@@ -36,6 +36,23 @@ def main(argv: list[str] | None = None) -> int:
             break
     del store
     return 0
+
+
+def listening_store(host: str, port: int, *, timeout_s: float = 60) -> tuple[object, socket.socket]:
+    """A TCPStore server that listens on ``host`` only (a TCPStore master given a host name still listens on every
+    interface): the socket is bound here and handed over. Keep the socket with the store."""
+    import torch.distributed as dist
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(1024)
+    bound = listener.getsockname()[1]
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    store = dist.TCPStore(client_host, bound, None, True, timeout=timedelta(seconds=timeout_s),
+                          wait_for_workers=False, master_listen_fd=listener.fileno())
+    return store, listener
 
 
 if __name__ == "__main__":

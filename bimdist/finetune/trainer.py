@@ -26,7 +26,14 @@ import torch.distributed as dist
 from bimdist.config import ConfigError
 from bimdist.data.loader import resolve_workers
 from bimdist.data.stream import DataError, DataStats, Position
-from bimdist.distributed.env import RankEnv, pick_backend, pick_device, set_cpu_threads, usable_cores
+from bimdist.distributed.env import (
+    RankEnv,
+    pick_backend,
+    pick_device,
+    set_cpu_threads,
+    usable_cores,
+    use_gloo_interface,
+)
 from bimdist.distributed.transport import PeerError
 from bimdist.finetune import data as fdata
 from bimdist.finetune import recipe
@@ -109,6 +116,8 @@ class Trainer:
 
         p = self.cfg.pipeline
         backend = pick_backend(p.backend, self.device, local_ranks=self.env.local_world_size)
+        if backend == "gloo":
+            use_gloo_interface(self.env)
         store = job_store(self.env, timeout_s=p.startup_timeout_s, generation=restart_count())
         dist.init_process_group(backend=backend, store=dist.PrefixStore("finetune/", store), rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=p.peer_timeout_s))
@@ -163,9 +172,10 @@ class Trainer:
         self.metrics.target.set(self.steps)
         m = self.cfg.metrics
         if m.file_sd_dir and m.port and self.env.local_rank == 0:  # the same Prometheus discovery as pretraining
-            from bimdist.telemetry.metrics import FileSDTarget
+            from bimdist.telemetry.metrics import FileSDTarget, advertised_address
 
-            self.file_sd = FileSDTarget(Path(m.file_sd_dir), job=m.job, bind=m.bind,
+            address = advertised_address(self.cfg, self.env.master_addr if self.world > 1 else None)
+            self.file_sd = FileSDTarget(Path(m.file_sd_dir), job=m.job, address=address,
                                         ports=[m.port + i for i in range(self.env.local_world_size)])
         if self.rank == 0:
             log.info("fine-tuning %s: %s, depth %d (%d layers), %d classes, %d train labels (finetune.labels=%g), "

@@ -208,16 +208,36 @@ class Metrics:
 class FileSDTarget:
     """Local rank 0 of each node advertises the node's metrics ports to Prometheus file_sd, atomically."""
 
-    def __init__(self, folder: Path, *, job: str, bind: str, ports: list[int]):
-        host = socket.getfqdn() if bind in ("0.0.0.0", "::", "") else bind
+    def __init__(self, folder: Path, *, job: str, address: str, ports: list[int]):
+        """``address``: the host or address Prometheus scrapes this node at (``advertised_address``)."""
         tag = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or str(os.getpid())
-        self.path = Path(folder) / f"{job}-{socket.gethostname()}-{tag}.json"
-        body = [{"targets": [f"{host}:{p}" for p in ports], "labels": {"job": job, "node": socket.gethostname()}}]
+        node = address.replace(":", "_")  # one file per node, also where nodes share a host name (namespaces)
+        self.path = Path(folder) / f"{job}-{node}-{tag}.json"
+        body = [{"targets": [f"{address}:{p}" for p in ports], "labels": {"job": job, "node": address}}]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(body, indent=1))
         os.replace(tmp, self.path)
-        log.info("advertised %d metrics targets in %s", len(ports), self.path)
+        log.info("advertised %d metrics targets at %s in %s", len(ports), address, self.path)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def advertised_address(cfg: Config, master_addr: str | None) -> str:
+    """Where Prometheus should scrape this node: ``metrics.advertise``, else ``metrics.bind``, else (a wildcard
+    bind) this node's address on the route to the job's store, which is the cluster network (a host name can
+    resolve to loopback: in a container, a namespace, or by /etc/hosts)."""
+    m = cfg.metrics
+    if m.advertise:
+        return m.advertise
+    if m.bind not in ("0.0.0.0", "::", ""):
+        return m.bind
+    if master_addr:
+        from bimdist.distributed.env import route_address
+
+        try:
+            return route_address(master_addr)
+        except OSError:
+            pass
+    return socket.getfqdn()

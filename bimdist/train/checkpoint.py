@@ -141,14 +141,16 @@ class CheckpointStore:
         body = json.dumps({"step": step, "epoch": position.epoch, "offset": position.offset})
         self._write_with_sidecar(path, body.encode(), {"step": step})
 
-    def finish(self, step: int, *, protect: frozenset[int] = frozenset()) -> None:
-        """Write the manifest once the step is complete, then drop old complete steps beyond ``keep``, except the
-        ``protect``ed ones (steps some stage would restart from)."""
+    def finish(self, step: int, *, protect: frozenset[int] = frozenset(), prune: bool = True) -> None:
+        """Write the manifest once the step is complete, then (``prune``) drop old complete steps beyond ``keep``,
+        except the ``protect``ed ones (steps some stage would restart from)."""
         if not self.is_complete(step):
             return
         manifest = {"step": step, "fingerprint": self.fingerprint, "blocks": self.blocks,
                     "files": [p.name for p in self.expected(step)]}
         atomic_write(self.step_dir(step) / "manifest.json", json.dumps(manifest, indent=1).encode())
+        if not prune:
+            return
         complete = [s for s in self.steps_on_disk() if self.is_complete(s)]
         for old in complete[self.keep :]:
             if old in protect:

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bimdist.config import Config, ConfigError, visible_counts
 from bimdist.data.batches import Batch, train_batches
 from bimdist.data.stream import DataError, DataStats, Position
-from bimdist.distributed.control import ControlBoard
+from bimdist.distributed.control import ControlBoard, bounded
 from bimdist.distributed.env import host_staging
 from bimdist.distributed.groups import StageComm, agree_min, peer_name
 from bimdist.distributed.replay import ReplayLog
@@ -53,6 +53,7 @@ from bimdist.train.worker import StageWorker, StepResult
 log = logging.getLogger("bimdist.train")
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_CALL_S = 30.0  # a store call that waits for the store's answer longer than this: the store is out of reach
 
 
 def restart_point(own_steps: list[int], need: int | None) -> int:
@@ -192,6 +193,7 @@ class StageLoop:
         self._own_steps: list[int] = []  # this stage's checkpoints on disk, newest first
         self._restart_point = -1  # published: where this stage would resume if restarted alone
         self._own_point = -1  # this replica's own choice, which its siblings read
+        self._store_lost = False  # a store call failed: stop asking (see _store_failed)
         drops = cfg.masking.extra_drop or [0.0] * cfg.model.blocks
         counts = visible_counts(cfg.model.num_patches, cfg.masking.mask_ratio, drops)
         self.next_visible = counts[self.blocks[-1] + 1] if not self.last else 0
@@ -314,16 +316,27 @@ class StageLoop:
                     self._own_point = own
                 if own > self._restart_point:  # a sibling's may still lag: read them until it does not
                     keys = [f"rpc/{r}" for r in siblings]
-                    points = [int(store.get(k)) for k in keys if store.check([k])]
+                    points = bounded(lambda: [int(store.get(k)) for k in keys if store.check([k])],
+                                     timeout_s=STORE_CALL_S, what="reading the siblings' restart points")
                     own = min([own, *points]) if len(points) == len(siblings) else min(own, self._restart_point)
             if own != self._restart_point and own >= 0:
                 self._restart_point = own
                 store.set(f"rp/{self.comm.rank}", str(own))
-        except Exception as e:  # noqa: BLE001 - the store may be gone with the supervisor
-            log.debug("could not publish the restart point: %s", e)
+        except Exception as e:  # noqa: BLE001 - the store is gone (its supervisor, or its node's link)
+            self._store_failed("publishing this stage's restart point", e)
+
+    def _store_failed(self, what: str, e: BaseException) -> None:
+        """A store call failed or got no answer: say so once and stop asking (a call given up leaves a thread
+        blocked). Not fatal here: a supervisor that is gone stops this rank through the checkpoint path
+        (``ParentWatch``), and a link that is cut ends it through the transport's peer timeout, naming the peer."""
+        if not self._store_lost:
+            log.warning("the job's store is out of reach (%s: %s): its node or supervisor is gone; going on without "
+                        "it", what, str(e).splitlines()[0][:160])
+        self._store_lost = True
 
     def _abort(self, message: str) -> None:
-        """A failure no waiting can cure (a restart that cannot be fed): every rank ends now (``AbortWatch``)."""
+        """A failure no waiting can cure (a restart that cannot be fed): every rank ends now (``ControlBoard.watch``
+        ends them)."""
         if self.board is not None:
             self.board.abort(message)
 
@@ -342,15 +355,21 @@ class StageLoop:
         log.warning("recovery stage=%d replica=%d incarnation=%d resumed_at_step=%d first_step_s_after_death=%s",
                     self.stage, self.replica, self.comm.incarnation, start, after)
 
-    def _protected_steps(self) -> frozenset[int]:
-        """Every stage's published restart point: checkpoints that old-checkpoint cleanup must keep."""
+    def _protected_steps(self) -> frozenset[int] | None:
+        """Every stage's published restart point: checkpoints that old-checkpoint cleanup must keep (None: not
+        known, the store is out of reach)."""
         if self.comm is None or not self.comm.distributed:
             return frozenset()
         keys = [f"rp/{r}" for r in range(self.comm.topo.world_size)]
+        store = self.comm.store
+        if self._store_lost:
+            return None
         try:
-            return frozenset(int(self.comm.store.get(k)) for k in keys if self.comm.store.check([k]))
-        except Exception:  # noqa: BLE001
-            return frozenset()
+            return bounded(lambda: frozenset(int(store.get(k)) for k in keys if store.check([k])),
+                           timeout_s=STORE_CALL_S, what="reading the restart points")
+        except Exception as e:  # noqa: BLE001 - not knowing what to keep, the caller deletes nothing
+            self._store_failed("reading the restart points", e)
+            return None
 
     # ---- checkpoint ---------------------------------------------------------------------------------------
     def checkpoint(self, step: int, position: Position | None) -> None:
@@ -364,7 +383,10 @@ class StageLoop:
                 self.store.save_block(step, block, dict(state, rng=rng))
         if self.first and self.replica == 0 and position is not None:
             self.store.save_position(step, position)  # global: the same for every stage-0 replica
-        self.store.finish(step, protect=self._protected_steps())
+        protect = self._protected_steps()
+        if protect is None:  # which old checkpoints some stage would restart from is unknown: delete none
+            log.warning("keeping every old checkpoint at step %d: the restart points are unknown", step)
+        self.store.finish(step, protect=protect or frozenset(), prune=protect is not None)
         self.saved_step = step
         if self.comm is not None:
             self._own_steps = self.store.own_steps(self.blocks, self.replica, first=self.first)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from bimdist.config import Config, ConfigError
 from bimdist.data.loader import resolve_workers
 from bimdist.data.stream import DataError
-from bimdist.distributed.control import AbortWatch, ControlBoard
+from bimdist.distributed.control import ControlBoard
 from bimdist.distributed.env import (
     LaunchError,
     RankEnv,
@@ -26,6 +26,7 @@ from bimdist.distributed.env import (
     pick_device,
     set_cpu_threads,
     usable_cores,
+    use_gloo_interface,
 )
 from bimdist.distributed.groups import init_comm
 from bimdist.distributed.launch import launch_standalone, watch_parent
@@ -35,7 +36,7 @@ from bimdist.distributed.transport import PeerError, ReplicaLost
 from bimdist.model.unit import unit_indices
 from bimdist.runs import store_for
 from bimdist.telemetry.losslog import LossCSV, plot_losses
-from bimdist.telemetry.metrics import FileSDTarget, Metrics
+from bimdist.telemetry.metrics import FileSDTarget, Metrics, advertised_address
 from bimdist.telemetry.progress import setup_logging
 from bimdist.telemetry.summary import RankSummary
 from bimdist.telemetry.trace import Timeline
@@ -153,7 +154,6 @@ class RankJob:
         self.metrics: Metrics | None = None
         self.file_sd: FileSDTarget | None = None
         self.loop: StageLoop | None = None
-        self.abort_watch: AbortWatch | None = None
         self._failing = threading.Lock()
 
     def run(self, *, fresh: bool, observers: list[Observer]) -> int:
@@ -192,12 +192,15 @@ class RankJob:
             observers.append(LossCSV(run_dir, stage=coord.stage, replica=coord.replica))
         if cfg.metrics.file_sd_dir and cfg.metrics.port and env.local_rank == 0:
             ports = [cfg.metrics.port + i for i in range(env.local_world_size)]
-            self.file_sd = FileSDTarget(Path(cfg.metrics.file_sd_dir), job=cfg.metrics.job, bind=cfg.metrics.bind,
+            address = advertised_address(cfg, env.master_addr if self.distributed else None)
+            self.file_sd = FileSDTarget(Path(cfg.metrics.file_sd_dir), job=cfg.metrics.job, address=address,
                                         ports=ports)
         comm = None
         if self.distributed:
             p = cfg.pipeline
             backend = pick_backend(p.backend, device, local_ranks=env.local_world_size)
+            if backend == "gloo":
+                use_gloo_interface(env)
             if device.type == "cuda" and env.local_rank == 0 and backend == "gloo":
                 import torch
 
@@ -216,10 +219,10 @@ class RankJob:
                              startup_timeout_s=p.startup_timeout_s, peer_timeout_s=p.peer_timeout_s,
                              generation=restart_count(), engine_groups=p.engine == "deepspeed",
                              recoverable=recoverable, batch=cfg.data.batch_size, store=self.store)
-            self.board = ControlBoard(comm.store)
-            # a connection of its own: the watch polls while the main thread may be using the store
-            self.abort_watch = AbortWatch(ControlBoard(comm.client()),
-                                          lambda message: self.fail(EXIT_PEER, f"job ended: {message}"))
+            # the board's own connection, polled by its own thread: every call is bounded, so a failing rank never
+            # hangs in a store call when the store's node is out of reach (a cut link)
+            self.board = ControlBoard(comm.client())
+            self.board.watch(lambda message: self.fail(EXIT_PEER, f"job ended: {message}"))
         stop = StopFlag()
         stop.install(cfg.run.preempt_signals)
         watch = watch_parent(stop) if self.distributed else None
@@ -239,8 +242,8 @@ class RankJob:
         return result.exit_code
 
     def _cleanup(self) -> None:
-        if self.abort_watch is not None:
-            self.abort_watch.close()
+        if self.board is not None:
+            self.board.close()
         if self.file_sd is not None:
             self.file_sd.remove()
         if self.metrics is not None:

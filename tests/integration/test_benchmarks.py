@@ -210,3 +210,18 @@ def test_layout_quick(tmp_path):
     assert set(rates) == {"[1, 1]", "[2, 1]"} and all(v > 0 for v in rates.values())
     assert {int(k): v for k, v in r["rounds"]["[2, 1]"][0]["replicas"].items()} == {0: 2, 1: 1}  # JSON keys are text
     assert 1.0 <= r["bound"] <= 2.0 and r["stage0_s_per_sample"] > 0 and r["stage1_s_per_sample"] > 0
+
+
+def test_network_quick(tmp_path):
+    from tests.integration.netns import available
+
+    why = available()
+    if why is not None:
+        pytest.skip(f"namespaced nodes: {why}")
+    r = bench("network", tmp_path)
+    rate = r["rate_mbit"] * 1e6 / 8
+    assert 0.5 * rate < r["probe"]["bytes_per_s"] <= 1.05 * rate  # the probe sees the throttled link, not loopback
+    fp32, bf16 = r["runs"]["fp32"], r["runs"]["bf16"]
+    assert fp32["limited_by"] == bf16["limited_by"] == "link" and "wire_dtype=bf16" in fp32["doctor_link_bound"]
+    assert fp32["message_bytes"] > 1.8 * bf16["message_bytes"]
+    assert fp32["samples_per_s"] > 0 and bf16["samples_per_s"] > 0

@@ -37,3 +37,19 @@ def test_devices_chooses_a_replica_count_per_stage():
     counts = [int(c) for c in line.split("replicas [")[1].split("]")[0].split(", ")]
     assert sum(counts) == 4 and len(counts) == 2
     assert any(ln.strip().startswith("equal counts") and "replicas [2, 2]" in ln for ln in proc.stdout.splitlines())
+
+
+def test_a_slow_link_given_makes_the_job_link_bound_and_names_the_bf16_wire(tmp_path):
+    import json
+
+    proc = cli("doctor", str(TINY), "--pipeline.stages=2", "--link-gbps", "0.0001", "--json",
+               str(tmp_path / "d.json"), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads((tmp_path / "d.json").read_text())["figures"]
+    assert figures["limited_by"] == "link" and figures["link_bytes_per_s"] == 0.0001e9 / 8
+    assert figures["samples_per_s"] == figures["rates"]["link"] < min(v for k, v in figures["rates"].items()
+                                                                     if k != "link")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("link-bound"))
+    assert "pipeline.wire_dtype=bf16 sends" in line and "Gbit/s would not hold it back" in line
+    bad = cli("doctor", str(TINY), "--pipeline.stages=2", "--link-gbps", "0", timeout=60)
+    assert bad.returncode == 2 and "--link-gbps=0" in bad.stderr

@@ -5,10 +5,11 @@ import threading
 import time
 from datetime import timedelta
 
+import pytest
 import torch.distributed as dist
 
 from bimdist.config import load_config
-from bimdist.distributed.control import AbortWatch, ControlBoard
+from bimdist.distributed.control import ControlBoard, StoreUnreachable, bounded
 from bimdist.distributed.restart_plan import lag_steps, message_bytes, restart_plan
 from bimdist.train.loop import restart_point
 from tests.conftest import TINY
@@ -69,14 +70,37 @@ def test_an_abort_reaches_every_watcher_once_with_the_first_reason():
         seen.append(message)
         done.set()
 
-    watch = AbortWatch(ControlBoard(store), on_abort, interval_s=0.05)
+    watcher = ControlBoard(store)
+    watcher.watch(on_abort, interval_s=0.05)
     board = ControlBoard(store)
-    assert board.aborted() is None
+    assert board.aborted() is None and not watcher.stop_requested()
+    board.request_stop("SIGTERM")
+    assert wait(lambda: watcher.stop_requested(), 5)  # the flag the training loop reads, from the board's thread
     time.sleep(0.2)
     assert not seen
     board.abort("stage 2 (rank 2) cannot restart alone")
     board.abort("a later reason")
     assert done.wait(5) and seen == ["stage 2 (rank 2) cannot restart alone"]
     assert board.aborted() == "stage 2 (rank 2) cannot restart alone"
-    watch.close()
+    watcher.close()
 
+
+def test_a_store_call_that_does_not_answer_is_given_up_and_the_board_stops_asking():
+    gate = threading.Event()
+    with pytest.raises(StoreUnreachable, match="no answer from the job's store within 0 s"):
+        bounded(lambda: gate.wait(10), timeout_s=0.2, what="a stuck call")
+    gate.set()
+    board = ControlBoard(dist.HashStore(), timeout_s=0.2)
+    board.store = type("Stuck", (), {"add": lambda *_: gate.clear() or threading.Event().wait(10)})()
+    t0 = time.monotonic()
+    board.report_failure("rank 1", "link cut")  # gives up after 0.2 s
+    assert board.dead and board.first_failure() is None and time.monotonic() - t0 < 2  # no second wait
+
+
+def wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
