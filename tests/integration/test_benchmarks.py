@@ -153,7 +153,7 @@ def test_accuracy_quick(tmp_path):
         assert names[0] == "raw pixels" and names[1] == "depth 1" and run["train_images"] == 256
         assert all(0 <= row["linear"] <= 100 and not math.isnan(row["knn"]) for row in run["rows"])
         assert all(row["c"] in EvalConfig().probe_c for row in run["rows"])  # the probe chose C from the grid
-    assert len(r["checks"]) == 5 and all(isinstance(c["met"], bool) for c in r["checks"])
+    assert len(r["checks"]) == 2 and all(isinstance(c["met"], bool) for c in r["checks"])
 
 
 @pytest.mark.timeout(900)
