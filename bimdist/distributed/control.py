@@ -119,7 +119,13 @@ class ControlBoard:
                         on_abort(message)
                         return
 
-        threading.Thread(target=poll, name="bimdist-control-board", daemon=True).start()
+        self._poller = threading.Thread(target=poll, name="bimdist-control-board", daemon=True)
+        self._poller.start()
 
     def close(self) -> None:
+        """Stop polling and wait (bounded) for a call in flight: a process that exits during a store call can die
+        in the store's C++ code (SIGABRT) instead of exiting with its code."""
         self._closed.set()
+        poller = getattr(self, "_poller", None)
+        if poller is not None and poller is not threading.current_thread():
+            poller.join(self.timeout_s + 1.0)

@@ -236,6 +236,8 @@ class RankJob:
             watch.say_why()  # a SIGTERM can end the run before the watch thread notices its parent is gone
         if self.loop.last and self.loop.replica == 0 and result.exit_code == EXIT_OK:
             finalize(cfg, run_dir, self.loop.final_step)
+        if self.board is not None:  # no store call in flight from here on
+            self.board.close()
         if dist.is_initialized():  # DeepSpeed's world group
             dist.destroy_process_group()
         self._cleanup()

@@ -54,7 +54,7 @@ def test_requeue_resumes_and_completes_without_lost_steps(cluster, reference, tm
     text = out.read_text()
     preempted = [int(s) for s in re.findall(r"stage \d replica 0 finished at step (\d+) \(signal\)", text)]
     assert len(preempted) == 2 and preempted[0] == preempted[1], text[-3000:]  # both stages, one agreed step
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue hold-off
+    cluster.start_requeued_now(job)
     assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED", out.read_text()[-3000:]
     text = out.read_text()
     assert f"job {job} restart 1" in text
@@ -131,7 +131,7 @@ def test_per_task_script_ends_a_job_whose_restart_cannot_be_fed_and_requeues_it(
     assert not [p for p in ranks.values() if alive(p)], "a rank outlived the job"
     assert f"requeueing job {job} to resume from the newest common checkpoint (job restart 1 of 1)" in text
     cluster.wait_state(job, {"PENDING", "RUNNING", "COMPLETED"}, 60)
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue hold-off
+    cluster.start_requeued_now(job)
     assert cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"}, 300) == "COMPLETED", out.read_text()[-3000:]
     text = out.read_text()
     assert re.search(r"resumed stage 1 from .*\(step 500\)", text), text[-3000:]
