@@ -31,7 +31,7 @@ from bimdist.config import Config, ConfigError, visible_counts
 from bimdist.data.loader import CHUNK_BYTES, chunk_size, resolve_workers
 from bimdist.data.stream import DataError, DataStats, ShardStream
 from bimdist.distributed.env import host_staging, pick_backend, pick_device, usable_cores
-from bimdist.distributed.restart_plan import message_shapes, restart_plan
+from bimdist.distributed.restart_plan import message_bytes, message_shapes, restart_plan
 from bimdist.distributed.topology import blocks_of_stage
 
 STEP_BUDGET_S = 2.5  # a stage is timed at the largest batch whose step fits this, then scaled: under a minute
@@ -195,7 +195,7 @@ def diagnose(cfg: Config, *, devices: int | None = None, link_gbps: float | None
         else:  # two GPUs when the job has one per rank; ranks that share a GPU share it here too
             pair = ("cuda:0", "cuda:1") if backend == "nccl" and len(gpus) > 1 else ("cuda:0", "cuda:0")
         shapes = message_shapes(cfg, 0)
-        f["message_bytes"] = sum(torch.Size(s).numel() * getattr(torch, d).itemsize for s, d in shapes)
+        f["message_bytes"] = message_bytes(cfg, 0)
         if link_gbps is not None:  # the link between nodes, as the user measured it (bimdist.distributed.probe)
             f["link_bytes_per_s"] = link_gbps * 1e9 / 8
             report.add("link (given, --link-gbps)", f"{link_gbps:g} Gbit/s = {f['link_bytes_per_s'] / 1e6:,.1f} MB/s "
@@ -269,7 +269,7 @@ def link_advice(cfg: Config, f: dict) -> str:
         line += f", the rest of the pipeline would do {free:,.0f}: a link of {need:.3g} Gbit/s would not hold it back"
     if cfg.pipeline.wire_dtype in ("auto", "fp32"):  # auto sends fp32
         half = cfg.model_copy(update={"pipeline": cfg.pipeline.model_copy(update={"wire_dtype": "bf16"})})
-        bf16 = sum(torch.Size(s).numel() * getattr(torch, d).itemsize for s, d in message_shapes(half, 0))
+        bf16 = message_bytes(half, 0)
         line += (f"; pipeline.wire_dtype=bf16 sends {bf16 / 1e6:.2f} MB a step instead of "
                  f"{f['message_bytes'] / 1e6:.2f} ({f['message_bytes'] / bf16:.2f}x the rate while link-bound)")
     return line

@@ -208,15 +208,15 @@ def gloo_interface(master_addr: str) -> tuple[str, str] | None:
     return (name, address) if name else None
 
 
-def use_gloo_interface(env: RankEnv) -> None:
-    """Point gloo at the interface on the route to the job's store (GLOO_SOCKET_IFNAME), unless the user did."""
+def use_gloo_interface(master_addr: str) -> tuple[str, str] | None:
+    """Point gloo at the interface on the route to the job's store (GLOO_SOCKET_IFNAME), unless the user did.
+    Returns that (interface, address), or None where none is found."""
     import logging
     import os
 
-    if os.environ.get("GLOO_SOCKET_IFNAME"):
-        return
-    found = gloo_interface(env.master_addr)
-    if found is not None:
+    found = gloo_interface(master_addr)
+    if found is not None and not os.environ.get("GLOO_SOCKET_IFNAME"):
         os.environ["GLOO_SOCKET_IFNAME"] = found[0]
         logging.getLogger("bimdist").debug("gloo uses %s (%s), the route to the job's store at %s", found[0],
-                                           found[1], env.master_addr)
+                                           found[1], master_addr)
+    return found

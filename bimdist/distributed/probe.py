@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import timedelta
@@ -96,7 +95,7 @@ def link_bytes_per_s(*, backend: str, devices: tuple[str, str], shapes: list[tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bimdist.distributed.env import gloo_interface
+    from bimdist.distributed.env import use_gloo_interface
     from bimdist.distributed.store import listening_store
 
     p = argparse.ArgumentParser(prog="python -m bimdist.distributed.probe",
@@ -111,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=120, help="seconds to wait for the other rank (default 120)")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
-    found = gloo_interface(args.addr)
-    if found is not None and not os.environ.get("GLOO_SOCKET_IFNAME"):
-        os.environ["GLOO_SOCKET_IFNAME"] = found[0]
+    found = use_gloo_interface(args.addr)
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     torch.set_num_threads(1)
     try:

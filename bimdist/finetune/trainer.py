@@ -117,7 +117,7 @@ class Trainer:
         p = self.cfg.pipeline
         backend = pick_backend(p.backend, self.device, local_ranks=self.env.local_world_size)
         if backend == "gloo":
-            use_gloo_interface(self.env)
+            use_gloo_interface(self.env.master_addr)
         store = job_store(self.env, timeout_s=p.startup_timeout_s, generation=restart_count())
         dist.init_process_group(backend=backend, store=dist.PrefixStore("finetune/", store), rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=p.peer_timeout_s))

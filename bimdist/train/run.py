@@ -200,7 +200,7 @@ class RankJob:
             p = cfg.pipeline
             backend = pick_backend(p.backend, device, local_ranks=env.local_world_size)
             if backend == "gloo":
-                use_gloo_interface(env)
+                use_gloo_interface(env.master_addr)
             if device.type == "cuda" and env.local_rank == 0 and backend == "gloo":
                 import torch
 
