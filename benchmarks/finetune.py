@@ -13,7 +13,13 @@ points (all labels) and + 10 (10%); BIM full depth on all labels >= 90.0% top-1;
 the same depth (all labels).
 
     python -m benchmarks.finetune [--seeds 3] [--jobs 1]
+    python -m benchmarks.finetune --seeds 2 --first-seed 1 --merge benchmarks/results/finetune_....json
     python -m benchmarks.finetune --quick
+
+``--merge`` adds seeds to an earlier result: it pretrains again, reruns the earlier file's cheapest BIM and MAE runs,
+and merges only if both give the recorded top-1 and top-5 exactly (the pretraining and fine-tuning are deterministic
+on one machine, so the merged runs share their pretrained weights); otherwise it writes this run's seeds alone and
+exits 1.
 """
 
 from __future__ import annotations
@@ -88,15 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per arm")
     parser.add_argument("--jobs", type=int, default=1, help="fine-tuning runs at once (1: each has the machine)")
     parser.add_argument("--steps", type=int, default=STEPS, help="pretraining steps of both methods")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first fine-tuning seed")
+    parser.add_argument("--merge", type=Path, help="an earlier result JSON of this script to add these seeds to")
     args = parser.parse_args(argv)
     if args.quick:
         base, steps, depths, fractions = QUICK, 6, (4, 1), (1.0, 0.5)
-        seeds = range(1)
+        seeds = range(args.first_seed, args.first_seed + 1)
         tune = {1.0: 1.0, 0.5: 1.0}
         extra = ["--finetune.batch_size=32", "--finetune.eval_samples=64"]
     else:
         ensure_data()
-        base, steps, depths, fractions, seeds = MODEL, args.steps, (4, 1), (1.0, 0.1), range(args.seeds)
+        base, steps, depths, fractions = MODEL, args.steps, (4, 1), (1.0, 0.1)
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
         preset = load_config("fmnist-tiny", MODEL)
         tune = {1.0: preset.finetune.epochs, 0.1: preset.finetune.epochs * 4}
         extra = ["--pipeline.threads=1"] if args.jobs > 1 else []  # side by side: a core each
@@ -105,25 +114,49 @@ def main(argv: list[str] | None = None) -> int:
              "mae": sum(train_flops_per_sample(load_config("fmnist-tiny", [*base, "--method=mae",
                                                                           "--masking.extra_drop=null"])))}
     t_start = time.perf_counter()
+    record = {"pretrain_steps": steps, "batch": cfg.data.batch_size, "pretrain_flops_per_sample": flops,
+              "model": "128 wide x 4 layers, 4 blocks" if not args.quick else "32 wide x 4 layers (quick)",
+              "epochs": tune, "recipe": load_config("fmnist-tiny", base).finetune.model_dump(mode="json"),
+              "depths": list(depths), "fractions": list(fractions)}
+    earlier = merge_source(args.merge, record, seeds) if args.merge else None
+    again = [min((r for r in earlier["runs"] if r["arm"] == arm), key=lambda r: r["seconds"]) for arm in
+             ("BIM", "MAE")] if earlier else []
     with tempfile.TemporaryDirectory() as tmp:
         runs_dir = {m: Path(tmp) / m for m in ("bim", "mae")}
         seconds = {m: pretrain(m, runs_dir[m], base, steps) for m in ("bim", "mae")}
-        jobs = [(arm, depth, labels, seed) for arm, depth, labels, seed in product(ARMS, depths, fractions, seeds)]
+        jobs = [(r["arm"], r["depth"], r["labels"], r["seed"]) for r in again]
+        jobs += [(arm, depth, labels, seed) for arm, depth, labels, seed in product(ARMS, depths, fractions, seeds)]
 
         def one(job: tuple[str, int, float, int]) -> dict:
             arm, depth, labels, seed = job
-            out = Path(tmp) / "ft" / f"{arm.replace(' ', '-')}-d{depth}-l{labels:g}-s{seed}"
+            out = Path(tmp) / "ft" / f"{arm.replace(' ', '-')}-d{depth}-l{labels:g}-s{seed}-{jobs.index(job)}"
             return finetune(arm, runs_dir[ARMS[arm]], out, depth=depth, labels=labels, seed=seed,
                             epochs=tune[labels], extra=extra)
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             results = list(pool.map(one, jobs))
-    record = {"pretrain_steps": steps, "batch": cfg.data.batch_size, "pretrain_seconds": seconds,
-              "pretrain_flops_per_sample": flops, "model": "128 wide x 4 layers, 4 blocks" if not args.quick else
-              "32 wide x 4 layers (quick)", "seeds": len(seeds), "epochs": tune, "jobs": args.jobs,
-              "recipe": load_config("fmnist-tiny", base).finetune.model_dump(mode="json"), "runs": results,
-              "minutes": (time.perf_counter() - t_start) / 60, "depths": list(depths),
-              "fractions": list(fractions)}
+    reruns, results = results[:len(again)], results[len(again):]
+    record.update({"pretrain_seconds": seconds, "jobs": args.jobs, "runs": results,
+                   "minutes": (time.perf_counter() - t_start) / 60})
+    if earlier:
+        same = [(r["top1"], r["top5"]) == (e["top1"], e["top5"]) for r, e in zip(reruns, again)]
+        record["merge"] = {"file": str(args.merge), "git": earlier.get("git"), "date": earlier.get("date"),
+                           "reproduced": [{"arm": e["arm"], "depth": e["depth"], "labels": e["labels"],
+                                           "seed": e["seed"], "recorded": [e["top1"], e["top5"]],
+                                           "rerun": [r["top1"], r["top5"]]} for r, e in zip(reruns, again)]}
+        if not all(same):
+            record["merge"]["refused"] = True
+            args.no_readme = True
+            write_results("finetune-unmerged", record, "merge refused: the earlier runs did not reproduce\n", args)
+            print(f"error: --merge {args.merge}: rerunning its runs gave other figures "
+                  f"({record['merge']['reproduced']}); this run's seeds are written alone, unmerged", file=sys.stderr)
+            return 1
+        record["runs"] = earlier["runs"] + results
+        record["minutes"] += earlier["minutes"]
+        record["jobs"] = f"{earlier['jobs']} (earlier seeds), {args.jobs} (these)"
+    seeds = sorted({r["seed"] for r in record["runs"]})
+    record["seeds"] = len(seeds)
+    results = record["runs"]
     rows = []
     for arm, depth, labels in product(ARMS, depths, fractions):
         mean, std, values = summary(results, arm, depth, labels)
@@ -142,12 +175,27 @@ def main(argv: list[str] | None = None) -> int:
               f"sample; MAE {seconds['mae'] / 60:.0f} min in one process, {flops['mae'] / 1e6:.0f} MFLOP). "
               f"Fine-tuning: the fmnist-tiny recipe, {tune[fractions[0]]:g} epochs on all labels and "
               f"{tune[fractions[-1]]:g} on {100 * fractions[-1]:g}% ({subset}), "
-              f"{len(seeds)} seeds, {args.jobs} run(s) at a time on {cfg_cores()} cores; "
+              f"{len(seeds)} seeds, {record['jobs']} run(s) at a time on {cfg_cores()} cores; "
               f"{record['minutes']:.0f} minutes in all. Gaps: "
               + "; ".join(gap_line(record, a, b) for a, b in comparisons(full, min(depths), fractions)) + ".\n"
               + "\n".join(c.line() for c in checks(record)))
     write_results("finetune", record, table, args, checks=checks)
     return 0
+
+
+def merge_source(path: Path, record: dict, seeds: range) -> dict:
+    """The earlier result to add ``seeds`` to, if it was made with the same settings (else an error naming the
+    difference)."""
+    earlier = json.loads(path.read_text())
+    now = json.loads(json.dumps(record))  # the keys as the JSON file has them
+    for key in ("pretrain_steps", "batch", "model", "epochs", "recipe", "depths", "fractions"):
+        if earlier.get(key) != now[key]:
+            raise SystemExit(f"error: --merge {path}: its {key} is {earlier.get(key)!r}, this run's {now[key]!r}; "
+                             "merge only results made with the same settings")
+    clash = sorted({r["seed"] for r in earlier["runs"]} & set(seeds))
+    if clash:
+        raise SystemExit(f"error: --merge {path} already has seed(s) {clash}: pass --first-seed past them")
+    return earlier
 
 
 def cfg_cores() -> int:
