@@ -44,13 +44,14 @@ BATCH = 64
 
 
 # ---- the data ------------------------------------------------------------------------------------------------
-def _imagenet_like(job: tuple[int, np.ndarray, int]) -> bytes:
-    """One Fashion-MNIST image as an ImageNet-shaped RGB JPEG (deterministic in its index)."""
+def _imagenet_like(job: tuple[int, np.ndarray, int, float]) -> bytes:
+    """One Fashion-MNIST image as an ImageNet-shaped RGB JPEG (deterministic in its index), ``size`` times
+    ImageNet's typical sides (330-500 x 300-400)."""
     from PIL import Image
 
-    index, img, quality = job
+    index, img, quality, size = job
     rng = np.random.default_rng(index)
-    w, h = int(rng.integers(330, 501)), int(rng.integers(300, 401))
+    w, h = round(size * int(rng.integers(330, 501))), round(size * int(rng.integers(300, 401)))
     base = np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC)).astype(np.float32)  # [h, w]
     tint = rng.uniform(0.5, 1.0, 3)
     coarse = rng.normal(0, 12, (h // 4 + 1, w // 4 + 1, 3)).clip(-127, 127) + 128
@@ -61,12 +62,14 @@ def _imagenet_like(job: tuple[int, np.ndarray, int]) -> bytes:
     return out.getvalue()
 
 
-def make_jpeg_tree(root: Path, count: int, *, workers: int | None = None, quality: int = 90) -> Path:
-    """``root/train/<class>/<i>.jpg``: ``count`` ImageNet-shaped JPEGs made from Fashion-MNIST's train split."""
+def make_jpeg_tree(root: Path, count: int, *, workers: int | None = None, quality: int = 90,
+                   size: float = 1.0) -> Path:
+    """``root/train/<class>/<i>.jpg``: ``count`` ImageNet-shaped JPEGs made from Fashion-MNIST's train split (``size``
+    scales their sides: 2.0 makes photo-sized ones, about 0.55 megapixels)."""
     from bimdist.data.prepare import FASHION_MNIST_CLASSES, default_workers, ordered_map, read_idx
 
     images, labels = read_idx(FASHION_TRAIN)[:count], read_idx(FASHION_LABELS)[:count]
-    jobs = ((i, images[i], quality) for i in range(len(images)))
+    jobs = ((i, images[i], quality, size) for i in range(len(images)))
     for i, data in enumerate(ordered_map(_imagenet_like, jobs, workers=workers or default_workers(), chunksize=16)):
         folder = root / "train" / FASHION_MNIST_CLASSES[int(labels[i])].replace("/", "-")
         folder.mkdir(parents=True, exist_ok=True)

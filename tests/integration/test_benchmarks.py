@@ -209,7 +209,9 @@ def test_layout_quick(tmp_path):
     rates = r["median_samples_per_s"]
     assert set(rates) == {"[1, 1]", "[2, 1]"} and all(v > 0 for v in rates.values())
     assert {int(k): v for k, v in r["rounds"]["[2, 1]"][0]["replicas"].items()} == {0: 2, 1: 1}  # JSON keys are text
-    assert 1.0 <= r["bound"] <= 2.0 and r["stage0_s_per_sample"] > 0 and r["stage1_s_per_sample"] > 0
+    assert r["stage0_cpu_s_per_sample"] > r["stage1_cpu_s_per_sample"] > 0  # stage 0 decodes: the heavier one
+    # two cores cannot use more CPU time than they have: the bound (idle share of [1, 1]'s cores) is at least ~1
+    assert r["bound"] >= 0.9
 
 
 def test_network_quick(tmp_path):
