@@ -68,6 +68,18 @@ def run(pattern: str, counts: str, steps: int) -> dict:
             "replicas": {s: len(rs) for s, rs in stages.items()}}
 
 
+def doctor_layout(pattern: str, out: Path) -> dict:
+    """What ``bimdist doctor --devices 3`` (the same measurement as ``pipeline.replicas=auto``) chooses here."""
+    cmd = [sys.executable, "-m", "bimdist", "doctor", "fmnist-tiny", *MODEL, f"--data.train_shards={pattern}",
+           "--data.test_shards=null", "--pipeline.stages=2", "--pipeline.threads=1", "--devices", "3",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env(), cwd=ROOT,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cores_for(2)))
+    if not out.exists():
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return json.loads(out.read_text())["figures"]["layout"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -82,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                        capture_output=True, timeout=1800)
         info = json.loads((Path(tmp) / "shards" / "dataset.json").read_text())
         pattern = str(Path(tmp) / "shards" / info["train"])
+        chosen = doctor_layout(pattern, Path(tmp) / "doctor.json")
         results: dict[str, list[dict]] = {name: [] for name in LAYOUTS}
         for _ in range(rounds):  # side by side: each round runs both, so a slow spell hits both alike
             for name, counts in LAYOUTS.items():
@@ -95,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = med["[2, 1]"] / med["[1, 1]"]
     record = {"rounds": results, "median_samples_per_s": med, "stage0_cpu_s_per_sample": a,
               "stage1_cpu_s_per_sample": b, "cores": cores, "bound": bound, "ratio": ratio, "steps": steps,
-              "images": images, "jpeg_size": SIZE, "model": MODEL}
+              "images": images, "jpeg_size": SIZE, "model": MODEL, "doctor_layout": chosen}
     rows = [[name, LAYOUTS[name].count(",") + 1 + (1 if name == "[2, 1]" else 0), med[name],
              " / ".join(f"{r['samples_per_s']:.0f}" for r in results[name])] for name in LAYOUTS]
     table = md_table(["replicas", "processes", "samples/s (median)", "per round"], rows)
@@ -105,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
               f"The [1, 1] runs used {1000 * a:.2f} ms of CPU per sample on stage 0 (decoding, compute, transport) "
               f"and {1000 * b:.2f} ms on stage 1: {cores} cores could run {cores / (a + b):.0f} samples/s, "
               f"{bound:.2f}x the [1, 1] rate (the bound); [2, 1] measured {ratio:.2f}x ({ratio / bound:.0%} of "
-              f"the bound).\n"
+              f"the bound). `bimdist doctor --devices 3` on this case chose replicas {chosen['counts']} "
+              f"(predicting {chosen['samples_per_s']:.0f} samples/s, limited by stage {chosen['slowest_stage']}).\n"
               + "\n".join(c.line() for c in checks(record)))
     write_results("layout", record, table, args, checks=checks)
     return 0

@@ -53,6 +53,7 @@ class StepRecord:
     flop: float = 0.0  # floating-point operations of one step of this stage (counted once, on the first step)
     peak_flop_per_s: float | None = None  # the device's peak, when known (for MFU)
     monitor_knn: dict[int, float] = field(default_factory=dict)  # block -> live kNN top-1, on monitor steps
+    cpu_s: float = 0.0  # this process's CPU time (every thread) when the step ended, cumulative
 
 
 class Progress:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +32,6 @@ class RankSummary:
         self.stage, self.replica, self.device = stage, replica, device
         self.baseline_rss = proc_status_bytes("VmRSS")  # after imports, before the model and data exist
         self.records: list[StepRecord] = []
-        self.cpu_s: list[float] = []  # this process's CPU time (every thread) at the end of each step
         self.start_step = 0
         self.live: LiveTensorBytes | None = None
 
@@ -52,7 +50,6 @@ class RankSummary:
 
     def on_step(self, rec: StepRecord) -> None:
         self.records.append(rec)
-        self.cpu_s.append(time.process_time())
 
     def on_end(self, result: object) -> None:
         recs = self.records[1:] or self.records  # the first step also counts FLOPs: leave it out of timings
@@ -72,7 +69,7 @@ class RankSummary:
             "data_wait_fraction": sum(r.data_wait_s for r in recs) / total,
             "corrupt_samples": self.records[-1].corrupt if self.records else 0,
             "samples_per_s": (sum(r.samples for r in recs) / total) if recs else None,
-            "cpu_s_per_sample": ((self.cpu_s[-1] - self.cpu_s[0]) / sum(r.samples for r in self.records[1:])
+            "cpu_s_per_sample": ((self.records[-1].cpu_s - self.records[0].cpu_s) / sum(r.samples for r in recs)
                                  if len(self.records) > 1 else None),  # every thread's: data, compute, transport
             "step_flop": recs[-1].flop if recs else 0.0,
             "bytes_sent": recs[-1].bytes_sent if recs else 0,

@@ -564,6 +564,7 @@ class StageLoop:
                     replay_log_bytes=self.transport.replay_bytes if self.transport else 0,
                     next_restartable=self.transport.next_restartable if self.transport else None,
                     flop=self.step_flop or 0.0, peak_flop_per_s=self.peak_flop_per_s, monitor_knn=monitored,
+                    cpu_s=time.process_time(),
                 )
                 last_end = now
                 if step == start and self.comm is not None and self.comm.incarnation > 0:

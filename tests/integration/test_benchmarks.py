@@ -209,9 +209,12 @@ def test_layout_quick(tmp_path):
     rates = r["median_samples_per_s"]
     assert set(rates) == {"[1, 1]", "[2, 1]"} and all(v > 0 for v in rates.values())
     assert {int(k): v for k, v in r["rounds"]["[2, 1]"][0]["replicas"].items()} == {0: 2, 1: 1}  # JSON keys are text
-    assert r["stage0_cpu_s_per_sample"] > r["stage1_cpu_s_per_sample"] > 0  # stage 0 decodes: the heavier one
-    # two cores cannot use more CPU time than they have: the bound (idle share of [1, 1]'s cores) is at least ~1
-    assert r["bound"] >= 0.9
+    # stage 0 decodes 0.55-megapixel JPEGs in full: far more than 10 us of CPU a sample, and more than stage 1
+    assert r["stage0_cpu_s_per_sample"] > r["stage1_cpu_s_per_sample"] > 1e-5
+    # two cores cannot give more CPU time than they have, so the bound (2 cores over what [1, 1] used) is at least
+    # ~1; and [1, 1]'s decoding thread keeps about one core busy, so it is not far above 2
+    assert 0.9 <= r["bound"] <= 4.0
+    assert r["doctor_layout"]["counts"] == [2, 1]  # the doctor gives the third device to the decoding stage
 
 
 def test_network_quick(tmp_path):
