@@ -212,8 +212,8 @@ def test_layout_quick(tmp_path):
     # stage 0 decodes 0.55-megapixel JPEGs in full: far more than 10 us of CPU a sample, and more than stage 1
     assert r["stage0_cpu_s_per_sample"] > r["stage1_cpu_s_per_sample"] > 1e-5
     # two cores cannot give more CPU time than they have, so the bound (2 cores over what [1, 1] used) is at least
-    # ~1; and [1, 1]'s decoding thread keeps about one core busy, so it is not far above 2
-    assert 0.9 <= r["bound"] <= 4.0
+    # ~1 (no upper limit: on a busy machine [1, 1] gets less than its cores and the bound grows)
+    assert r["bound"] >= 0.9
     assert r["doctor_layout"]["counts"] == [2, 1]  # the doctor gives the third device to the decoding stage
 
 
