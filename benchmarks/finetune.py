@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS, help="pretraining steps of both methods")
     parser.add_argument("--first-seed", type=int, default=0, help="the first fine-tuning seed")
     parser.add_argument("--merge", type=Path, help="an earlier result JSON of this script to add these seeds to")
+    parser.add_argument("--rows", help="only these rows, ARM/DEPTH/LABELS comma-separated (e.g. BIM/4/1,MAE/4/0.1)")
+    parser.add_argument("--pretrained", type=Path, help="with --merge: reuse the pretraining runs DIR/bim and DIR/mae "
+                        "(the reproduced runs check that they are the merged file's)")
     args = parser.parse_args(argv)
     if args.quick:
         base, steps, depths, fractions = QUICK, 6, (4, 1), (1.0, 0.5)
@@ -118,14 +121,29 @@ def main(argv: list[str] | None = None) -> int:
               "model": "128 wide x 4 layers, 4 blocks" if not args.quick else "32 wide x 4 layers (quick)",
               "epochs": tune, "recipe": load_config("fmnist-tiny", base).finetune.model_dump(mode="json"),
               "depths": list(depths), "fractions": list(fractions)}
+    if args.pretrained and not args.merge:
+        raise SystemExit("error: --pretrained needs --merge (the merge's rerun checks that the runs are its own)")
+    rows = set(product(ARMS, depths, fractions))
+    if args.rows:
+        rows = {(a, int(d), float(f)) for a, d, f in (r.split("/") for r in args.rows.split(","))}
+        unknown = rows - set(product(ARMS, depths, fractions))
+        if unknown:
+            raise SystemExit(f"error: --rows {sorted(unknown)} not among {sorted(product(ARMS, depths, fractions))}")
     earlier = merge_source(args.merge, record, seeds) if args.merge else None
     again = [min((r for r in earlier["runs"] if r["arm"] == arm), key=lambda r: r["seconds"]) for arm in
              ("BIM", "MAE")] if earlier else []
     with tempfile.TemporaryDirectory() as tmp:
-        runs_dir = {m: Path(tmp) / m for m in ("bim", "mae")}
-        seconds = {m: pretrain(m, runs_dir[m], base, steps) for m in ("bim", "mae")}
+        if args.pretrained:
+            runs_dir = {m: args.pretrained / m for m in ("bim", "mae")}
+            seconds = earlier["pretrain_seconds"]
+        else:
+            runs_dir = {m: Path(tmp) / m for m in ("bim", "mae")}
+            seconds = {m: pretrain(m, runs_dir[m], base, steps) for m in ("bim", "mae")}
         jobs = [(r["arm"], r["depth"], r["labels"], r["seed"]) for r in again]
-        jobs += [(arm, depth, labels, seed) for arm, depth, labels, seed in product(ARMS, depths, fractions, seeds)]
+        jobs += [(arm, depth, labels, seed) for arm, depth, labels, seed in product(ARMS, depths, fractions, seeds)
+                 if (arm, depth, labels) in rows]
+        cost = {job: tune[job[2]] * job[2] * (job[1] + 1) for job in jobs[len(again):]}  # longest first: 2 at a time
+        jobs[len(again):] = sorted(jobs[len(again):], key=lambda job: -cost[job])
 
         def one(job: tuple[str, int, float, int]) -> dict:
             arm, depth, labels, seed = job
@@ -175,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               f"sample; MAE {seconds['mae'] / 60:.0f} min in one process, {flops['mae'] / 1e6:.0f} MFLOP). "
               f"Fine-tuning: the fmnist-tiny recipe, {tune[fractions[0]]:g} epochs on all labels and "
               f"{tune[fractions[-1]]:g} on {100 * fractions[-1]:g}% ({subset}), "
-              f"{len(seeds)} seeds, {record['jobs']} run(s) at a time on {cfg_cores()} cores; "
+              f"{seed_text(results)}, {record['jobs']} run(s) at a time on {cfg_cores()} cores; "
               f"{record['minutes']:.0f} minutes in all. Gaps: "
               + "; ".join(gap_line(record, a, b) for a, b in comparisons(full, min(depths), fractions)) + ".\n"
               + "\n".join(c.line() for c in checks(record)))
@@ -196,6 +214,18 @@ def merge_source(path: Path, record: dict, seeds: range) -> dict:
     if clash:
         raise SystemExit(f"error: --merge {path} already has seed(s) {clash}: pass --first-seed past them")
     return earlier
+
+
+def seed_text(runs: list[dict]) -> str:
+    counts: dict[tuple, int] = {}
+    for r in runs:
+        counts[(r["arm"], r["depth"], r["labels"])] = counts.get((r["arm"], r["depth"], r["labels"]), 0) + 1
+    groups: dict[int, list[str]] = {}
+    for (a, d, f), n in counts.items():
+        groups.setdefault(n, []).append(f"{a} {d} blocks {100 * f:g}%")
+    if len(groups) == 1:
+        return f"{next(iter(groups))} seed(s) per row"
+    return "; ".join(f"{n} seed(s) for {', '.join(rows)}" for n, rows in sorted(groups.items(), reverse=True))
 
 
 def cfg_cores() -> int:
