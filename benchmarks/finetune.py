@@ -83,10 +83,12 @@ def summary(runs: list[dict], arm: str, depth: int, labels: float) -> tuple[floa
 
 
 def gap(record: dict, a: tuple[str, int, float], b: tuple[str, int, float]) -> tuple[float, float]:
-    """Mean of ``a`` minus mean of ``b``, and the pooled standard deviation of the two."""
-    ma, sa, _ = summary(record["runs"], *a)
-    mb, sb, _ = summary(record["runs"], *b)
-    return ma - mb, ((sa * sa + sb * sb) / 2) ** 0.5
+    """Mean of ``a`` minus mean of ``b``, and the pooled standard deviation of the two (of the one with several
+    seeds where the other has one: its spread stands for both)."""
+    ma, sa, va = summary(record["runs"], *a)
+    mb, sb, vb = summary(record["runs"], *b)
+    sds = [sd for sd, values in ((sa, va), (sb, vb)) if len(values) > 1]
+    return ma - mb, (sum(sd * sd for sd in sds) / len(sds)) ** 0.5 if sds else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", help="only these rows, ARM/DEPTH/LABELS comma-separated (e.g. BIM/4/1,MAE/4/0.1)")
     parser.add_argument("--pretrained", type=Path, help="with --merge: reuse the pretraining runs DIR/bim and DIR/mae "
                         "(the reproduced runs check that they are the merged file's)")
+    parser.add_argument("--render", type=Path, help="rewrite the table, README block and checks from a result JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        record = json.loads(args.render.read_text())
+        record.pop("checks", None)
+        write_results("finetune", record, table(record), args, checks=checks)
+        return 0
     if args.quick:
         base, steps, depths, fractions = QUICK, 6, (4, 1), (1.0, 0.5)
         seeds = range(args.first_seed, args.first_seed + 1)
@@ -175,6 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     seeds = sorted({r["seed"] for r in record["runs"]})
     record["seeds"] = len(seeds)
     results = record["runs"]
+    write_results("finetune", record, table(record), args, checks=checks)
+    return 0
+
+
+def table(record: dict) -> str:
+    """The markdown table and its lines, from a record (as built, or as read back from its JSON file)."""
+    results, depths, fractions = record["runs"], record["depths"], record["fractions"]
+    tune = {float(k): v for k, v in record["epochs"].items()}
+    seconds, flops, steps = record["pretrain_seconds"], record["pretrain_flops_per_sample"], record["pretrain_steps"]
     rows = []
     for arm, depth, labels in product(ARMS, depths, fractions):
         mean, std, values = summary(results, arm, depth, labels)
@@ -183,22 +200,19 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([arm, depth, f"{100 * labels:g}%", f"{mean:.2f} ± {std:.2f}", " / ".join(f"{v:.2f}" for v in
                                                                                                values),
                      f"{minutes:.1f}"])
-    table = md_table(["pretraining", "blocks kept", "labels", "top-1 % (mean ± sd)", "per seed", "min per run"],
-                     rows)
+    out = md_table(["pretraining", "blocks kept", "labels", "top-1 % (mean ± sd)", "per seed", "min per run"], rows)
     shas = {r["train_labels_sha256"] for r in results if r["labels"] == fractions[-1]}
     subset = "one subset for every run" if len(shas) == 1 else "THE SUBSETS DIFFER"
     full = max(depths)
-    table += (f"\n\n{record['model']}; pretraining {steps} steps of {cfg.data.batch_size} "
-              f"(BIM {seconds['bim'] / 60:.0f} min as the 2-stage pipeline, {flops['bim'] / 1e6:.0f} MFLOP per "
-              f"sample; MAE {seconds['mae'] / 60:.0f} min in one process, {flops['mae'] / 1e6:.0f} MFLOP). "
-              f"Fine-tuning: the fmnist-tiny recipe, {tune[fractions[0]]:g} epochs on all labels and "
-              f"{tune[fractions[-1]]:g} on {100 * fractions[-1]:g}% ({subset}), "
-              f"{seed_text(results)}, {record['jobs']} run(s) at a time on {cfg_cores()} cores; "
-              f"{record['minutes']:.0f} minutes in all. Gaps: "
-              + "; ".join(gap_line(record, a, b) for a, b in comparisons(full, min(depths), fractions)) + ".\n"
-              + "\n".join(c.line() for c in checks(record)))
-    write_results("finetune", record, table, args, checks=checks)
-    return 0
+    return out + (f"\n\n{record['model']}; pretraining {steps} steps of {record['batch']} "
+                  f"(BIM {seconds['bim'] / 60:.0f} min as the 2-stage pipeline, {flops['bim'] / 1e6:.0f} MFLOP per "
+                  f"sample; MAE {seconds['mae'] / 60:.0f} min in one process, {flops['mae'] / 1e6:.0f} MFLOP). "
+                  f"Fine-tuning: the fmnist-tiny recipe, {tune[fractions[0]]:g} epochs on all labels and "
+                  f"{tune[fractions[-1]]:g} on {100 * fractions[-1]:g}% ({subset}), "
+                  f"{seed_text(results)}, {record['jobs']} run(s) at a time on {cfg_cores()} cores; "
+                  f"{record['minutes']:.0f} minutes in all. Gaps: "
+                  + "; ".join(gap_line(record, a, b) for a, b in comparisons(full, min(depths), fractions)) + ".\n"
+                  + "\n".join(c.line() for c in checks(record)))
 
 
 def merge_source(path: Path, record: dict, seeds: range) -> dict:

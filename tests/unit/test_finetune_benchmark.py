@@ -1,0 +1,32 @@
+"""The fine-tuning benchmark's arithmetic and its merge guard (the runs themselves: test_benchmarks.py)."""
+
+import json
+
+import pytest
+
+from benchmarks.finetune import gap, merge_source, seed_text
+
+
+def runs(arm, values, depth=4, labels=1.0):
+    return [{"arm": arm, "depth": depth, "labels": labels, "seed": i, "top1": v} for i, v in enumerate(values)]
+
+
+def test_gap_pools_the_spread_and_lets_a_single_seed_borrow_the_other_side():
+    record = {"runs": runs("BIM", [86.0, 87.0, 88.0]) + runs("MAE", [85.0, 86.0, 87.0]) + runs("from scratch", [80.0])}
+    assert gap(record, ("BIM", 4, 1.0), ("MAE", 4, 1.0)) == pytest.approx((1.0, 1.0))
+    # one seed has no spread of its own: the three-seed arm's stands for both, not half of it
+    assert gap(record, ("BIM", 4, 1.0), ("from scratch", 4, 1.0)) == pytest.approx((7.0, 1.0))
+    assert seed_text(record["runs"]) == "3 seed(s) for BIM 4 blocks 100%, MAE 4 blocks 100%; 1 seed(s) for " \
+                                        "from scratch 4 blocks 100%"
+
+
+def test_merge_refuses_other_settings_and_seeds_it_already_has(tmp_path):
+    settings = {"pretrain_steps": 1013, "batch": 256, "model": "m", "epochs": {1.0: 5, 0.1: 20}, "recipe": {"lr": 1},
+                "depths": [4, 1], "fractions": [1.0, 0.1]}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps({**settings, "runs": runs("BIM", [87.0])}))
+    assert merge_source(path, settings, range(1, 3))["runs"][0]["top1"] == 87.0
+    with pytest.raises(SystemExit, match="already has seed"):
+        merge_source(path, settings, range(0, 2))
+    with pytest.raises(SystemExit, match="its pretrain_steps is 1013, this run's 500"):
+        merge_source(path, {**settings, "pretrain_steps": 500}, range(1, 3))
