@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         record["runs"] = earlier["runs"] + results
         record["minutes"] += earlier["minutes"]
         record["jobs"] = f"{earlier['jobs']} (earlier seeds), {args.jobs} (these)"
-    seeds = sorted({r["seed"] for r in record["runs"]})
-    record["seeds"] = len(seeds)
-    results = record["runs"]
+    record["seeds"] = len({r["seed"] for r in record["runs"]})
     write_results("finetune", record, table(record), args, checks=checks)
     return 0
 

@@ -42,15 +42,20 @@ SIZE = 2.0  # the JPEGs' sides, times ImageNet's
 LAYOUTS = {"[1, 1]": "[1,1]", "[2, 1]": "[2,1]"}
 
 
+def bimdist(command: str, pattern: str) -> list[str]:
+    """``bimdist COMMAND`` on this case: the model, the shards, 2 stages, one torch thread each."""
+    return [sys.executable, "-m", "bimdist", command, "fmnist-tiny", *MODEL, f"--data.train_shards={pattern}",
+            "--data.test_shards=null", "--pipeline.stages=2", "--pipeline.threads=1"]
+
+
 def run(pattern: str, counts: str, steps: int) -> dict:
     """One ``bimdist train`` of the layout on the first 2 cores; its rate is the slowest stage's, a stage's rate
     the sum over its replicas (each takes its rows of every batch)."""
     with tempfile.TemporaryDirectory() as tmp:
         cores = cores_for(2)
-        cmd = [sys.executable, "-m", "bimdist", "train", "fmnist-tiny", *MODEL, f"--data.train_shards={pattern}",
-               "--data.test_shards=null", "--pipeline.stages=2", f"--pipeline.replicas={counts}",
-               "--pipeline.threads=1", f"--run.steps={steps}", f"--run.dir={tmp}", "--run.recon_png=false",
-               "--checkpoint.every=0", "--run.log_every=20", "--eval.monitor_every=0"]
+        cmd = [*bimdist("train", pattern), f"--pipeline.replicas={counts}", f"--run.steps={steps}",
+               f"--run.dir={tmp}", "--run.recon_png=false", "--checkpoint.every=0", "--run.log_every=20",
+               "--eval.monitor_every=0"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env(), cwd=ROOT,
                               preexec_fn=lambda: os.sched_setaffinity(0, cores))
         if proc.returncode != 0:
@@ -70,9 +75,7 @@ def run(pattern: str, counts: str, steps: int) -> dict:
 
 def doctor_layout(pattern: str, out: Path) -> dict:
     """What ``bimdist doctor --devices 3`` (the same measurement as ``pipeline.replicas=auto``) chooses here."""
-    cmd = [sys.executable, "-m", "bimdist", "doctor", "fmnist-tiny", *MODEL, f"--data.train_shards={pattern}",
-           "--data.test_shards=null", "--pipeline.stages=2", "--pipeline.threads=1", "--devices", "3",
-           "--json", str(out)]
+    cmd = [*bimdist("doctor", pattern), "--devices", "3", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env(), cwd=ROOT,
                           preexec_fn=lambda: os.sched_setaffinity(0, cores_for(2)))
     if not out.exists():
