@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = rows - set(product(ARMS, depths, fractions))
         if unknown:
             raise SystemExit(f"error: --rows {sorted(unknown)} not among {sorted(product(ARMS, depths, fractions))}")
-    earlier = merge_source(args.merge, record, seeds) if args.merge else None
+    earlier = merge_source(args.merge, record, seeds, rows) if args.merge else None
     again = [min((r for r in earlier["runs"] if r["arm"] == arm), key=lambda r: r["seconds"]) for arm in
              ("BIM", "MAE")] if earlier else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,18 +213,20 @@ def table(record: dict) -> str:
                   + "\n".join(c.line() for c in checks(record)))
 
 
-def merge_source(path: Path, record: dict, seeds: range) -> dict:
-    """The earlier result to add ``seeds`` to, if it was made with the same settings (else an error naming the
-    difference)."""
+def merge_source(path: Path, record: dict, seeds: range, rows: set[tuple[str, int, float]]) -> dict:
+    """The earlier result to add ``seeds`` of ``rows`` to, if it was made with the same settings and has none of
+    those runs (else an error naming the difference)."""
     earlier = json.loads(path.read_text())
     now = json.loads(json.dumps(record))  # the keys as the JSON file has them
     for key in ("pretrain_steps", "batch", "model", "epochs", "recipe", "depths", "fractions"):
         if earlier.get(key) != now[key]:
             raise SystemExit(f"error: --merge {path}: its {key} is {earlier.get(key)!r}, this run's {now[key]!r}; "
                              "merge only results made with the same settings")
-    clash = sorted({r["seed"] for r in earlier["runs"]} & set(seeds))
+    clash = sorted({(r["arm"], r["depth"], r["labels"], r["seed"]) for r in earlier["runs"]
+                    if (r["arm"], r["depth"], r["labels"]) in rows and r["seed"] in seeds})
     if clash:
-        raise SystemExit(f"error: --merge {path} already has seed(s) {clash}: pass --first-seed past them")
+        raise SystemExit(f"error: --merge {path} already has run(s) {clash} (arm, depth, labels, seed): pass "
+                         "--first-seed past them or --rows without them")
     return earlier
 
 

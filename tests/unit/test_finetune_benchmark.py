@@ -20,13 +20,16 @@ def test_gap_pools_the_spread_and_lets_a_single_seed_borrow_the_other_side():
                                         "from scratch 4 blocks 100%"
 
 
-def test_merge_refuses_other_settings_and_seeds_it_already_has(tmp_path):
+def test_merge_refuses_other_settings_and_runs_it_already_has(tmp_path):
     settings = {"pretrain_steps": 1013, "batch": 256, "model": "m", "epochs": {1.0: 5, 0.1: 20}, "recipe": {"lr": 1},
                 "depths": [4, 1], "fractions": [1.0, 0.1]}
     path = tmp_path / "earlier.json"
-    path.write_text(json.dumps({**settings, "runs": runs("BIM", [87.0])}))
-    assert merge_source(path, settings, range(1, 3))["runs"][0]["top1"] == 87.0
-    with pytest.raises(SystemExit, match="already has seed"):
-        merge_source(path, settings, range(0, 2))
+    path.write_text(json.dumps({**settings, "runs": runs("BIM", [87.0, 86.0]) + runs("MAE", [85.0])}))
+    both = {("BIM", 4, 1.0), ("MAE", 4, 1.0)}
+    assert merge_source(path, settings, range(2, 4), both)["runs"][0]["top1"] == 87.0
+    with pytest.raises(SystemExit, match=r"already has run\(s\) \[\('BIM', 4, 1.0, 1\)\]"):
+        merge_source(path, settings, range(1, 3), both)
+    # seed 1 of MAE alone is new, though BIM has a seed 1
+    assert merge_source(path, settings, range(1, 3), {("MAE", 4, 1.0)})["runs"][2]["arm"] == "MAE"
     with pytest.raises(SystemExit, match="its pretrain_steps is 1013, this run's 500"):
-        merge_source(path, {**settings, "pretrain_steps": 500}, range(1, 3))
+        merge_source(path, {**settings, "pretrain_steps": 500}, range(2, 4), both)
