@@ -109,15 +109,19 @@ class ControlBoard:
     def watch(self, on_abort: Callable[[str], None] | None = None, *, interval_s: float = 0.5) -> None:
         """Poll the stop and abort keys on a thread of this board's own: ``stop_requested`` then reads a flag, and
         ``on_abort`` gets the abort's message (once) and is expected to end the process."""
+        def read() -> tuple[bool, str | None]:  # one bounded call a poll: stop, then abort
+            stop = self._stop.is_set() or self.store.check(["stop"])
+            wanted = on_abort is not None and self.store.check(["abort"])
+            return stop, self.store.get("abort").decode() if wanted else None
+
         def poll() -> None:
             while not self._closed.wait(interval_s) and not self.dead:
-                if not self._stop.is_set() and self._call(lambda: self.store.check(["stop"]), "reading stop", False):
+                stop, message = self._call(read, "reading the stop and abort keys", (False, None))
+                if stop:
                     self._stop.set()
-                if on_abort is not None:
-                    message = self.aborted()
-                    if message is not None:
-                        on_abort(message)
-                        return
+                if message is not None and on_abort is not None:
+                    on_abort(message)
+                    return
 
         self._poller = threading.Thread(target=poll, name="bimdist-control-board", daemon=True)
         self._poller.start()
