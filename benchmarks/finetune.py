@@ -25,6 +25,7 @@ exits 1.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -84,11 +85,15 @@ def summary(runs: list[dict], arm: str, depth: int, labels: float) -> tuple[floa
 
 def gap(record: dict, a: tuple[str, int, float], b: tuple[str, int, float]) -> tuple[float, float]:
     """Mean of ``a`` minus mean of ``b``, and the pooled standard deviation of the two (of the one with several
-    seeds where the other has one: its spread stands for both)."""
+    seeds where the other has one: its spread stands for both); the spread is NaN when both have one seed."""
     ma, sa, va = summary(record["runs"], *a)
     mb, sb, vb = summary(record["runs"], *b)
     sds = [sd for sd, values in ((sa, va), (sb, vb)) if len(values) > 1]
-    return ma - mb, (sum(sd * sd for sd in sds) / len(sds)) ** 0.5 if sds else 0.0
+    return ma - mb, (sum(sd * sd for sd in sds) / len(sds)) ** 0.5 if sds else math.nan
+
+
+def spread(sd: float) -> str:
+    return "one seed each: spread unknown" if math.isnan(sd) else f"pooled sd {sd:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +241,7 @@ def seed_text(runs: list[dict]) -> str:
         counts[(r["arm"], r["depth"], r["labels"])] = counts.get((r["arm"], r["depth"], r["labels"]), 0) + 1
     groups: dict[int, list[str]] = {}
     for (a, d, f), n in counts.items():
-        groups.setdefault(n, []).append(f"{a} {d} blocks {100 * f:g}%")
+        groups.setdefault(n, []).append(f"{a} {blocks(d)} {100 * f:g}%")
     if len(groups) == 1:
         return f"{next(iter(groups))} seed(s) per row"
     return "; ".join(f"{n} seed(s) for {', '.join(rows)}" for n, rows in sorted(groups.items(), reverse=True))
@@ -252,14 +257,18 @@ def comparisons(full: int, shallow: int, fractions: list[float] | tuple[float, .
     out = []
     for labels in fractions:
         out += [(("BIM", full, labels), ("MAE", full, labels)), (("BIM", full, labels), ("from scratch", full, labels))]
-    out.append((("BIM", shallow, fractions[0]), ("MAE", shallow, fractions[0])))
+    out += [(("BIM", shallow, labels), ("MAE", shallow, labels)) for labels in fractions]
     return out
+
+
+def blocks(n: int) -> str:
+    return f"{n} block" + ("s" if n != 1 else "")
 
 
 def gap_line(record: dict, a: tuple, b: tuple) -> str:
     g, sd = gap(record, a, b)
     noise = " (within 2 sd: noise)" if abs(g) < 2 * sd else ""
-    return f"{a[0]} - {b[0]} at {a[1]} blocks, {100 * a[2]:g}% labels: {g:+.2f} points, pooled sd {sd:.2f}{noise}"
+    return f"{a[0]} - {b[0]} at {blocks(a[1])}, {100 * a[2]:g}% labels: {g:+.2f} points, {spread(sd)}{noise}"
 
 
 def checks(record: dict) -> list[Check]:
@@ -270,14 +279,15 @@ def checks(record: dict) -> list[Check]:
     for labels, scratch_gap in ((fractions[0], 2.0), (few, 10.0)):
         share = f"{100 * labels:g}% labels"
         g, sd = gap(record, ("BIM", full, labels), ("MAE", full, labels))
-        out.append(Check(f"full depth, {share}: BIM - MAE, points", g, -0.3, note=f"(pooled sd {sd:.2f})"))
+        out.append(Check(f"full depth, {share}: BIM - MAE, points", g, -0.3, note=f"({spread(sd)})"))
         g, sd = gap(record, ("BIM", full, labels), ("from scratch", full, labels))
         out.append(Check(f"full depth, {share}: BIM - from scratch, points", g, scratch_gap,
-                         note=f"(pooled sd {sd:.2f})"))
+                         note=f"({spread(sd)})"))
     out.append(Check("full depth, all labels: BIM top-1 %", bim_all, 90.0))
-    g, sd = gap(record, ("BIM", shallow, fractions[0]), ("MAE", shallow, fractions[0]))
-    out.append(Check(f"{shallow} block(s), all labels: BIM - truncated MAE, points", g, 0.0,
-                     note=f"(pooled sd {sd:.2f})"))
+    for labels in fractions:
+        g, sd = gap(record, ("BIM", shallow, labels), ("MAE", shallow, labels))
+        out.append(Check(f"{blocks(shallow)}, {100 * labels:g}% labels: BIM - truncated MAE, points", g, 0.0,
+                         note=f"({spread(sd)})"))
     return out
 
 

@@ -1,10 +1,11 @@
 """The fine-tuning benchmark's arithmetic and its merge guard (the runs themselves: test_benchmarks.py)."""
 
 import json
+import math
 
 import pytest
 
-from benchmarks.finetune import gap, merge_source, seed_text
+from benchmarks.finetune import gap, gap_line, merge_source, seed_text
 
 
 def runs(arm, values, depth=4, labels=1.0):
@@ -16,6 +17,13 @@ def test_gap_pools_the_spread_and_lets_a_single_seed_borrow_the_other_side():
     assert gap(record, ("BIM", 4, 1.0), ("MAE", 4, 1.0)) == pytest.approx((1.0, 1.0))
     # one seed has no spread of its own: the three-seed arm's stands for both, not half of it
     assert gap(record, ("BIM", 4, 1.0), ("from scratch", 4, 1.0)) == pytest.approx((7.0, 1.0))
+    # neither arm has a spread: none is made up (a NaN, said as unknown), so no gap is called noise or not
+    record["runs"] += runs("MAE", [79.0], depth=1) + runs("BIM", [80.0], depth=1)
+    g, sd = gap(record, ("BIM", 1, 1.0), ("MAE", 1, 1.0))
+    assert g == pytest.approx(1.0) and math.isnan(sd)
+    assert gap_line(record, ("BIM", 1, 1.0), ("MAE", 1, 1.0)) == \
+        "BIM - MAE at 1 block, 100% labels: +1.00 points, one seed each: spread unknown"
+    record["runs"] = record["runs"][:-2]
     assert seed_text(record["runs"]) == "3 seed(s) for BIM 4 blocks 100%, MAE 4 blocks 100%; 1 seed(s) for " \
                                         "from scratch 4 blocks 100%"
 
