@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -171,23 +172,41 @@ def main(argv: list[str] | None = None) -> int:
                    "minutes": (time.perf_counter() - t_start) / 60})
     if earlier:
         same = [(r["top1"], r["top5"]) == (e["top1"], e["top5"]) for r, e in zip(reruns, again)]
-        record["merge"] = {"file": str(args.merge), "git": earlier.get("git"), "date": earlier.get("date"),
-                           "reproduced": [{"arm": e["arm"], "depth": e["depth"], "labels": e["labels"],
-                                           "seed": e["seed"], "recorded": [e["top1"], e["top5"]],
-                                           "rerun": [r["top1"], r["top5"]]} for r, e in zip(reruns, again)]}
+        merge = {"file": str(args.merge), "git": earlier.get("git"), "date": earlier.get("date"),
+                 "command": earlier.get("command"),
+                 "reproduced": [{"arm": e["arm"], "depth": e["depth"], "labels": e["labels"], "seed": e["seed"],
+                                 "recorded": [e["top1"], e["top5"]], "rerun": [r["top1"], r["top5"]]}
+                                for r, e in zip(reruns, again)]}
+        record["merges"] = merges(earlier) + [merge]  # every pass's provenance, oldest first
         if not all(same):
-            record["merge"]["refused"] = True
+            merge["refused"] = True
             args.no_readme = True
             write_results("finetune-unmerged", record, "merge refused: the earlier runs did not reproduce\n", args)
             print(f"error: --merge {args.merge}: rerunning its runs gave other figures "
-                  f"({record['merge']['reproduced']}); this run's seeds are written alone, unmerged", file=sys.stderr)
+                  f"({merge['reproduced']}); this run's seeds are written alone, unmerged", file=sys.stderr)
             return 1
         record["runs"] = earlier["runs"] + results
         record["minutes"] += earlier["minutes"]
-        record["jobs"] = f"{earlier['jobs']} (earlier seeds), {args.jobs} (these)"
+        record["jobs"] = passes(earlier) + [args.jobs]
     record["seeds"] = len({r["seed"] for r in record["runs"]})
     write_results("finetune", record, table(record), args, checks=checks)
     return 0
+
+
+def merges(record: dict) -> list[dict]:
+    """The merges a result file went through (files of before 2026-12-03 kept only the last one, as ``merge``)."""
+    return record.get("merges", [record["merge"]] if "merge" in record else [])
+
+
+def passes(record: dict) -> list[int]:
+    """Runs at a time in each pass that made ``record`` (a number: one pass; older merged files: a sentence)."""
+    jobs = record["jobs"]
+    return jobs if isinstance(jobs, list) else [int(n) for n in re.findall(r"\d+", str(jobs))]
+
+
+def jobs_text(record: dict) -> str:
+    counts = passes(record)
+    return f"{counts[0]}" if len(set(counts)) == 1 else f"{', '.join(map(str, counts))} (by pass)"
 
 
 def table(record: dict) -> str:
@@ -212,7 +231,7 @@ def table(record: dict) -> str:
                   f"sample; MAE {seconds['mae'] / 60:.0f} min in one process, {flops['mae'] / 1e6:.0f} MFLOP). "
                   f"Fine-tuning: the fmnist-tiny recipe, {tune[fractions[0]]:g} epochs on all labels and "
                   f"{tune[fractions[-1]]:g} on {100 * fractions[-1]:g}% ({subset}), "
-                  f"{seed_text(results)}, {record['jobs']} run(s) at a time on {cfg_cores()} cores; "
+                  f"{seed_text(results)}, {jobs_text(record)} run(s) at a time on {cfg_cores()} cores; "
                   f"{record['minutes']:.0f} minutes in all. Gaps: "
                   + "; ".join(gap_line(record, a, b) for a, b in comparisons(full, min(depths), fractions)) + ".\n"
                   + "\n".join(c.line() for c in checks(record)))
@@ -277,7 +296,7 @@ def checks(record: dict) -> list[Check]:
     bim_all, _, _ = summary(record["runs"], "BIM", full, fractions[0])
     out = []
     for labels, scratch_gap in ((fractions[0], 2.0), (few, 10.0)):
-        share = f"{100 * labels:g}% labels"
+        share = f"{100 * labels:g}%"
         g, sd = gap(record, ("BIM", full, labels), ("MAE", full, labels))
         out.append(Check(f"full depth, {share}: BIM - MAE, points", g, -0.3, note=f"({spread(sd)})"))
         g, sd = gap(record, ("BIM", full, labels), ("from scratch", full, labels))
@@ -286,7 +305,7 @@ def checks(record: dict) -> list[Check]:
     out.append(Check("full depth, all labels: BIM top-1 %", bim_all, 90.0))
     for labels in fractions:
         g, sd = gap(record, ("BIM", shallow, labels), ("MAE", shallow, labels))
-        out.append(Check(f"{blocks(shallow)}, {100 * labels:g}% labels: BIM - truncated MAE, points", g, 0.0,
+        out.append(Check(f"{blocks(shallow)}, {100 * labels:g}%: BIM - truncated MAE, points", g, 0.0,
                          note=f"({spread(sd)})"))
     return out
 

@@ -41,3 +41,12 @@ def test_merge_refuses_other_settings_and_runs_it_already_has(tmp_path):
     assert merge_source(path, settings, range(1, 3), {("MAE", 4, 1.0)})["runs"][2]["arm"] == "MAE"
     with pytest.raises(SystemExit, match="its pretrain_steps is 1013, this run's 500"):
         merge_source(path, {**settings, "pretrain_steps": 500}, range(2, 4), both)
+
+
+def test_each_pass_keeps_its_provenance_and_its_runs_at_a_time():
+    from benchmarks.finetune import jobs_text, merges, passes
+
+    legacy = {"jobs": "2 (earlier seeds), 1 (these)", "merge": {"file": "seed0.json"}}
+    assert passes(legacy) == [2, 1] and jobs_text(legacy) == "2, 1 (by pass)"
+    assert merges(legacy) == [{"file": "seed0.json"}]
+    assert jobs_text({"jobs": [2, 2, 2]}) == "2" and passes({"jobs": 3}) == [3] and merges({"jobs": 3}) == []
