@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 from pathlib import Path
@@ -79,8 +80,13 @@ def finetune(arm: str, run_dir: Path, out: Path, *, depth: int, labels: float, s
             "seconds": time.perf_counter() - t0, "history": result["history"]}
 
 
+def row(run: dict) -> tuple[str, int, float]:
+    """The table row a run belongs to: (arm, depth, labels)."""
+    return run["arm"], run["depth"], run["labels"]
+
+
 def summary(runs: list[dict], arm: str, depth: int, labels: float) -> tuple[float, float, list[float]]:
-    values = [r["top1"] for r in runs if (r["arm"], r["depth"], r["labels"]) == (arm, depth, labels)]
+    values = [r["top1"] for r in runs if row(r) == (arm, depth, labels)]
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, values
 
 
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runs_dir = {m: Path(tmp) / m for m in ("bim", "mae")}
             seconds = {m: pretrain(m, runs_dir[m], base, steps) for m in ("bim", "mae")}
-        jobs = [(r["arm"], r["depth"], r["labels"], r["seed"]) for r in again]
+        jobs = [(*row(r), r["seed"]) for r in again]
         jobs += [(arm, depth, labels, seed) for arm, depth, labels, seed in product(ARMS, depths, fractions, seeds)
                  if (arm, depth, labels) in rows]
         cost = {job: tune[job[2]] * job[2] * (job[1] + 1) for job in jobs[len(again):]}  # longest first: 2 at a time
@@ -206,7 +212,7 @@ def passes(record: dict) -> list[int]:
 
 def jobs_text(record: dict) -> str:
     counts = passes(record)
-    return f"{counts[0]}" if len(set(counts)) == 1 else f"{', '.join(map(str, counts))} (by pass)"
+    return str(counts[0]) if len(set(counts)) == 1 else f"{', '.join(map(str, counts))} (by pass)"
 
 
 def table(record: dict) -> str:
@@ -217,7 +223,7 @@ def table(record: dict) -> str:
     rows = []
     for arm, depth, labels in product(ARMS, depths, fractions):
         mean, std, values = summary(results, arm, depth, labels)
-        minutes = statistics.mean(r["seconds"] for r in results if (r["arm"], r["depth"], r["labels"]) ==
+        minutes = statistics.mean(r["seconds"] for r in results if row(r) ==
                                   (arm, depth, labels)) / 60
         rows.append([arm, depth, f"{100 * labels:g}%", f"{mean:.2f} ± {std:.2f}", " / ".join(f"{v:.2f}" for v in
                                                                                                values),
@@ -246,8 +252,7 @@ def merge_source(path: Path, record: dict, seeds: range, rows: set[tuple[str, in
         if earlier.get(key) != now[key]:
             raise SystemExit(f"error: --merge {path}: its {key} is {earlier.get(key)!r}, this run's {now[key]!r}; "
                              "merge only results made with the same settings")
-    clash = sorted({(r["arm"], r["depth"], r["labels"], r["seed"]) for r in earlier["runs"]
-                    if (r["arm"], r["depth"], r["labels"]) in rows and r["seed"] in seeds})
+    clash = sorted({(*row(r), r["seed"]) for r in earlier["runs"] if row(r) in rows and r["seed"] in seeds})
     if clash:
         raise SystemExit(f"error: --merge {path} already has run(s) {clash} (arm, depth, labels, seed): pass "
                          "--first-seed past them or --rows without them")
@@ -255,11 +260,8 @@ def merge_source(path: Path, record: dict, seeds: range, rows: set[tuple[str, in
 
 
 def seed_text(runs: list[dict]) -> str:
-    counts: dict[tuple, int] = {}
-    for r in runs:
-        counts[(r["arm"], r["depth"], r["labels"])] = counts.get((r["arm"], r["depth"], r["labels"]), 0) + 1
     groups: dict[int, list[str]] = {}
-    for (a, d, f), n in counts.items():
+    for (a, d, f), n in Counter(row(r) for r in runs).items():
         groups.setdefault(n, []).append(f"{a} {blocks(d)} {100 * f:g}%")
     if len(groups) == 1:
         return f"{next(iter(groups))} seed(s) per row"

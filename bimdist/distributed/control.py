@@ -100,19 +100,19 @@ class ControlBoard:
 
         self._call(post, "posting the abort", None)
 
-    def aborted(self) -> str | None:
-        def read() -> str | None:
-            return self.store.get("abort").decode() if self.store.check(["abort"]) else None
+    def _read_abort(self) -> str | None:
+        """The abort's message, or None (an unbounded store read: call it through ``_call``)."""
+        return self.store.get("abort").decode() if self.store.check(["abort"]) else None
 
-        return self._call(read, "reading the abort", None)
+    def aborted(self) -> str | None:
+        return self._call(self._read_abort, "reading the abort", None)
 
     def watch(self, on_abort: Callable[[str], None] | None = None, *, interval_s: float = 0.5) -> None:
         """Poll the stop and abort keys on a thread of this board's own: ``stop_requested`` then reads a flag, and
         ``on_abort`` gets the abort's message (once) and is expected to end the process."""
         def read() -> tuple[bool, str | None]:  # one bounded call a poll: stop, then abort
             stop = self._stop.is_set() or self.store.check(["stop"])
-            wanted = on_abort is not None and self.store.check(["abort"])
-            return stop, self.store.get("abort").decode() if wanted else None
+            return stop, self._read_abort() if on_abort is not None else None
 
         def poll() -> None:
             while not self._closed.wait(interval_s) and not self.dead:

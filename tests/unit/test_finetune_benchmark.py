@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from benchmarks.finetune import gap, gap_line, merge_source, seed_text
+from benchmarks.finetune import gap, gap_line, jobs_text, merge_source, merges, passes, seed_text
 
 
 def runs(arm, values, depth=4, labels=1.0):
@@ -44,8 +44,6 @@ def test_merge_refuses_other_settings_and_runs_it_already_has(tmp_path):
 
 
 def test_each_pass_keeps_its_provenance_and_its_runs_at_a_time():
-    from benchmarks.finetune import jobs_text, merges, passes
-
     legacy = {"jobs": "2 (earlier seeds), 1 (these)", "merge": {"file": "seed0.json"}}
     assert passes(legacy) == [2, 1] and jobs_text(legacy) == "2, 1 (by pass)"
     assert merges(legacy) == [{"file": "seed0.json"}]

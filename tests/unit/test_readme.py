@@ -1,8 +1,8 @@
 """The README's promises about itself: its first lines are the two commands, and it stays under 15 KB."""
 
-from pathlib import Path
+from tests.conftest import ROOT
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = ROOT / "README.md"
 
 
 def test_the_readme_opens_with_the_demo_and_the_tests_and_stays_under_15_kb():
